@@ -1,0 +1,73 @@
+//! The `tmws` command line: `tmws serve` (default) and `tmws migrate`.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tmws::{
+    config::{Config, settings_help},
+    server,
+    store::{PgStore, postgres::ensure_database},
+    telemetry,
+};
+
+#[derive(Parser)]
+#[command(name = "tmws", version, about = "Trinitas Memory & Workflow Service (gRPC)", after_help = settings_help())]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gRPC API (default). Applies migrations first unless TMWS_AUTO_MIGRATE=false.
+    #[command(after_help = settings_help())]
+    Serve,
+    /// Create the database if needed and apply pending migrations, then exit.
+    #[command(after_help = settings_help())]
+    Migrate,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tmws: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tmws: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let _telemetry = telemetry::init(config.log_format)?;
+        tracing::debug!(?config, "configuration");
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => {
+                let listener = tokio::net::TcpListener::bind(config.grpc_addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {} (TMWS_GRPC_ADDR): {e}", config.grpc_addr))?;
+                server::serve(config, listener, server::shutdown_signal()).await
+            }
+            Command::Migrate => {
+                ensure_database(&config.database_url).await?;
+                let store = PgStore::connect(&config).await?;
+                store.migrate().await?;
+                store.close().await;
+                tracing::info!("migrations applied");
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tmws: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The composition root: pools, stores, services, health, reflection, layers and shutdown.
+//! This is the only module that knows every part.
+
+use std::{future::Future, net::SocketAddr, pin::pin, time::Duration};
+
+use anyhow::Context as _;
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::{
+    api::{MemoryApi, WorkflowApi},
+    config::Config,
+    health::{self, HealthWatcher},
+    pb::{self, memory_service_server::MemoryServiceServer, workflow_service_server::WorkflowServiceServer},
+    store::{PgStore, RedisStore, postgres::ensure_database},
+};
+
+/// Connects the stores, applies migrations when `TMWS_AUTO_MIGRATE` is on, and serves on
+/// `listener` until `shutdown` resolves. Then every health status turns NOT_SERVING, in-flight
+/// calls drain for at most `TMWS_SHUTDOWN_GRACE`, and the function returns.
+pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let local_addr = listener.local_addr().context("listener address")?;
+
+    if config.auto_migrate {
+        ensure_database(&config.database_url).await?;
+    }
+    let pg = PgStore::connect(&config).await?;
+    if config.auto_migrate {
+        pg.migrate().await?;
+        tracing::info!("database migrations applied");
+    }
+    let redis = match &config.redis_url {
+        Some(url) => Some(RedisStore::new(url, config.db_max_connections as usize, config.health_check_timeout)?),
+        None => None,
+    };
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter.set_service_status("", ServingStatus::Serving).await;
+    let watcher = HealthWatcher {
+        reporter: reporter.clone(),
+        pg: pg.clone(),
+        redis: redis.clone(),
+        redis_required: config.redis_required,
+        interval: config.health_check_interval,
+        timeout: config.health_check_timeout,
+    };
+    let (stop_watch, stop_rx) = watch::channel(false);
+    let watcher_task = watcher.start(stop_rx).await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let max = config.max_message_bytes;
+    let memory =
+        MemoryServiceServer::new(MemoryApi::default()).max_decoding_message_size(max).max_encoding_message_size(max);
+    let workflow = WorkflowServiceServer::new(WorkflowApi::default())
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+
+    let router = tonic::transport::Server::builder()
+        .http2_adaptive_window(Some(true))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .trace_fn(|req| {
+            let path = req.uri().path();
+            let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or(("", path));
+            tracing::info_span!("grpc", rpc.system = "grpc", rpc.service = service, rpc.method = method)
+        })
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(memory)
+        .add_service(workflow);
+
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = router.serve_with_incoming_shutdown(incoming, async {
+        let _ = drain_rx.await;
+    });
+    let mut server = pin!(server);
+    tracing::info!(addr = %local_addr, environment = ?config.environment, "tmws serving");
+
+    let result = tokio::select! {
+        r = &mut server => r.map_err(anyhow::Error::from),
+        () = shutdown => {
+            tracing::info!(grace = ?config.shutdown_grace, "shutdown requested: draining");
+            let _ = stop_watch.send(true);
+            let _ = watcher_task.await;
+            health::set_all_not_serving(&reporter).await;
+            let _ = drain_tx.send(());
+            match tokio::time::timeout(config.shutdown_grace, &mut server).await {
+                Ok(r) => r.map_err(anyhow::Error::from),
+                Err(_) => {
+                    tracing::warn!("in-flight calls did not finish within TMWS_SHUTDOWN_GRACE; closing them");
+                    Ok(())
+                }
+            }
+        }
+    };
+    pg.close().await;
+    tracing::info!("tmws stopped");
+    result
+}
+
+/// A server running on a background task (tests, embedding in other programs).
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningServer {
+    /// Binds `config.grpc_addr` (port 0 picks a free port) and serves in the background.
+    /// Returns once the listener is bound; start-up errors surface from [`RunningServer::stop`].
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let listener =
+            TcpListener::bind(config.grpc_addr).await.with_context(|| format!("bind {}", config.grpc_addr))?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(serve(config, listener, async {
+            let _ = rx.await;
+        }));
+        Ok(Self { addr, shutdown: Some(tx), handle })
+    }
+
+    /// Whether the server task has ended (e.g. failed at start-up).
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// Triggers a graceful shutdown and waits for it.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.handle.await.context("server task panicked")?
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}

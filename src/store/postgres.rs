@@ -1,0 +1,117 @@
+//! PostgreSQL (+ pgvector): connection pool, migrations and liveness probes.
+
+use std::time::{Duration, Instant};
+
+use sqlx::{
+    PgPool,
+    migrate::{MigrateDatabase, Migrator},
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+use crate::config::Config;
+
+/// The embedded Postgres migrations (`migrations/postgres`).
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreInitError {
+    #[error("invalid TMWS_DATABASE_URL: {0}")]
+    Url(sqlx::Error),
+    #[error("PostgreSQL unreachable after {waited:?}: {source}")]
+    Unreachable { waited: Duration, source: sqlx::Error },
+    #[error(
+        "PostgreSQL has no pgvector extension available; install pgvector (e.g. scripts/dev-services.sh, or the pgvector/pgvector image) and retry"
+    )]
+    PgvectorMissing,
+    #[error("could not create the database: {0}")]
+    CreateDatabase(sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Builds the pool and waits (up to `TMWS_DB_STARTUP_TIMEOUT`) until PostgreSQL answers.
+    /// The pool reconnects by itself afterwards; a later outage only makes calls fail.
+    pub async fn connect(config: &Config) -> Result<Self, StoreInitError> {
+        let options: PgConnectOptions = config.database_url.parse().map_err(StoreInitError::Url)?;
+        let options = options.application_name("tmws");
+        let pool = PgPoolOptions::new()
+            .max_connections(config.db_max_connections)
+            .min_connections(0)
+            .acquire_timeout(config.db_acquire_timeout)
+            .idle_timeout(Some(Duration::from_secs(300)))
+            .test_before_acquire(false)
+            .connect_lazy_with(options);
+        let store = Self { pool };
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match store.ping().await {
+                Ok(()) => return Ok(store),
+                Err(e) if started.elapsed() >= config.db_startup_timeout => {
+                    return Err(StoreInitError::Unreachable { waited: started.elapsed(), source: e });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "waiting for PostgreSQL");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// One round trip; used by the health watcher.
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+    }
+
+    /// Applies pending migrations. sqlx holds a Postgres advisory lock while it migrates, so
+    /// replicas starting together apply each migration exactly once.
+    pub async fn migrate(&self) -> Result<(), StoreInitError> {
+        let available: Option<String> =
+            sqlx::query_scalar("SELECT default_version FROM pg_available_extensions WHERE name = 'vector'")
+                .fetch_optional(&self.pool)
+                .await?;
+        if available.is_none() {
+            return Err(StoreInitError::PgvectorMissing);
+        }
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Creates the database named in `url` when it does not exist yet (first start, `tmws migrate`).
+pub async fn ensure_database(url: &str) -> Result<(), StoreInitError> {
+    match sqlx::Postgres::database_exists(url).await {
+        Ok(true) => Ok(()),
+        Ok(false) => match sqlx::Postgres::create_database(url).await {
+            Ok(()) => {
+                tracing::info!("created database");
+                Ok(())
+            }
+            // A concurrent replica created it first: 42P04 duplicate_database.
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P04") => Ok(()),
+            Err(e) => Err(StoreInitError::CreateDatabase(e)),
+        },
+        // No permission to look (managed databases): assume the operator created it.
+        Err(e) => {
+            tracing::debug!(error = %e, "could not check whether the database exists");
+            Ok(())
+        }
+    }
+}

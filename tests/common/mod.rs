@@ -1,0 +1,252 @@
+//! Test harness: spawns the real server in-process on `127.0.0.1:0`, with its own freshly created
+//! and migrated PostgreSQL database (from `TMWS_TEST_DATABASE_URL`, an admin URL) and the Redis
+//! at `TMWS_TEST_REDIS_URL`, and hands out real tonic clients over TCP.
+//!
+//! Missing services are a failure, never a silent skip: run `scripts/dev-services.sh` (or
+//! `scripts/test.sh`, which does it for you).
+#![allow(dead_code)]
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use sqlx::{Connection, Executor, PgConnection};
+use tmws::{
+    config::Config,
+    pb::{memory_service_client::MemoryServiceClient, workflow_service_client::WorkflowServiceClient},
+    server::RunningServer,
+};
+use tokio::{net::TcpListener, sync::Mutex, task::JoinSet};
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+pub struct TestEnv {
+    pub admin_database_url: String,
+    pub redis_url: String,
+}
+
+/// Reads `TMWS_TEST_DATABASE_URL` and `TMWS_TEST_REDIS_URL`; panics (fails the test) if unset.
+pub fn test_env() -> TestEnv {
+    let get = |name: &str| {
+        std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| {
+            panic!("{name} is not set: run the tests through scripts/test.sh, or run scripts/dev-services.sh and export the URLs it prints")
+        })
+    };
+    TestEnv { admin_database_url: get("TMWS_TEST_DATABASE_URL"), redis_url: get("TMWS_TEST_REDIS_URL") }
+}
+
+/// Replaces the database name (the path) of a postgres URL.
+pub fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let host_end = base[scheme_end..].find('/').map(|i| scheme_end + i).unwrap_or(base.len());
+    let mut out = format!("{}/{}", &base[..host_end], db);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// Replaces host:port of a URL (to route it through a [`TcpProxy`]).
+pub fn with_host_port(url: &str, addr: SocketAddr) -> String {
+    let scheme_end = url.find("://").map(|i| i + 3).unwrap_or(0);
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let userinfo = authority.rfind('@').map(|i| &authority[..=i]).unwrap_or("");
+    format!("{}{}{}{}", &url[..scheme_end], userinfo, addr, &rest[authority_end..])
+}
+
+/// Creates an empty database `tmws_test_<unix secs>_<random>` and returns its URL. Test
+/// databases older than two hours (left by earlier runs) are dropped along the way.
+pub async fn fresh_database(env: &TestEnv) -> String {
+    let mut admin = PgConnection::connect(&env.admin_database_url).await.expect("connect to TMWS_TEST_DATABASE_URL");
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let stale: Vec<String> = sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'tmws\\_test\\_%'")
+        .fetch_all(&mut admin)
+        .await
+        .expect("list test databases");
+    for name in stale {
+        let created: u64 = name.split('_').nth(2).and_then(|s| s.parse().ok()).unwrap_or(now);
+        if now.saturating_sub(created) > 7200 {
+            let _ = admin.execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str()).await;
+        }
+    }
+    let name = format!("tmws_test_{}_{}", now, uuid::Uuid::now_v7().simple());
+    admin.execute(format!("CREATE DATABASE \"{name}\"").as_str()).await.expect("create test database");
+    admin.close().await.ok();
+    with_database(&env.admin_database_url, &name)
+}
+
+/// The settings every test server starts from; `overrides` replace or add variables.
+pub fn test_config(database_url: &str, redis_url: Option<&str>, overrides: &[(&str, &str)]) -> Config {
+    let mut vars: HashMap<String, String> = HashMap::from([
+        ("TMWS_ENVIRONMENT".into(), "development".into()),
+        ("TMWS_GRPC_ADDR".into(), "127.0.0.1:0".into()),
+        ("TMWS_DATABASE_URL".into(), database_url.into()),
+        ("TMWS_DB_MAX_CONNECTIONS".into(), "5".into()),
+        ("TMWS_DB_ACQUIRE_TIMEOUT".into(), "2s".into()),
+        ("TMWS_DB_STARTUP_TIMEOUT".into(), "10s".into()),
+        ("TMWS_HEALTH_CHECK_INTERVAL".into(), "200ms".into()),
+        ("TMWS_HEALTH_CHECK_TIMEOUT".into(), "1s".into()),
+        ("TMWS_SHUTDOWN_GRACE".into(), "5s".into()),
+    ]);
+    if let Some(url) = redis_url {
+        vars.insert("TMWS_REDIS_URL".into(), url.into());
+    }
+    for (k, v) in overrides {
+        vars.insert((*k).into(), (*v).into());
+    }
+    Config::from_lookup(|k| vars.get(k).cloned()).expect("valid test configuration")
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub database_url: String,
+    pub channel: Channel,
+    server: Option<RunningServer>,
+}
+
+impl TestApp {
+    pub fn memory(&self) -> MemoryServiceClient<Channel> {
+        MemoryServiceClient::new(self.channel.clone())
+    }
+    pub fn workflow(&self) -> WorkflowServiceClient<Channel> {
+        WorkflowServiceClient::new(self.channel.clone())
+    }
+    pub fn health(&self) -> HealthClient<Channel> {
+        HealthClient::new(self.channel.clone())
+    }
+
+    /// The status `Health/Check` reports for `service`.
+    pub async fn health_status(&self, service: &str) -> Result<ServingStatus, tonic::Status> {
+        let resp = self.health().check(HealthCheckRequest { service: service.into() }).await?;
+        Ok(resp.into_inner().status())
+    }
+
+    /// Polls `Health/Check` until `service` reports `want`; panics after `within`.
+    pub async fn wait_for_status(&self, service: &str, want: ServingStatus, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let got = self.health_status(service).await;
+            if matches!(&got, Ok(s) if *s == want) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{service}: wanted {want:?} within {within:?}, last saw {got:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Graceful shutdown; returns the server's result.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        match self.server.take() {
+            Some(s) => s.stop().await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// A server on a fresh database, with Redis configured.
+pub async fn spawn_app() -> TestApp {
+    let env = test_env();
+    let db = fresh_database(&env).await;
+    spawn_app_with(test_config(&db, Some(&env.redis_url), &[])).await
+}
+
+/// A server started from `config`; waits until it answers health checks.
+pub async fn spawn_app_with(config: Config) -> TestApp {
+    let database_url = config.database_url.clone();
+    let server = RunningServer::start(config).await.expect("start server");
+    let addr = server.addr;
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy();
+    let app = TestApp { addr, database_url, channel, server: Some(server) };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if app.health_status("").await.is_ok() {
+            return app;
+        }
+        if app.server.as_ref().is_some_and(|s| s.is_finished()) {
+            let err = app.stop().await.err();
+            panic!("server exited during start-up: {err:?}");
+        }
+        assert!(tokio::time::Instant::now() < deadline, "server did not answer within 30s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A TCP proxy on loopback that a test can cut (closing every connection and refusing new
+/// ones) and restore: a dependency outage without touching the shared service.
+pub struct TcpProxy {
+    pub addr: SocketAddr,
+    open: Arc<AtomicBool>,
+    conns: Arc<Mutex<JoinSet<()>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let open = Arc::new(AtomicBool::new(true));
+        let conns = Arc::new(Mutex::new(JoinSet::new()));
+        let (open2, conns2) = (open.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !open2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                conns2.lock().await.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self { addr, open, conns, accept }
+    }
+
+    /// Closes every proxied connection and refuses new ones.
+    pub async fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        self.conns.lock().await.abort_all();
+    }
+
+    pub fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// host:port of a URL, resolved to a socket address.
+pub fn socket_addr_of(url: &str) -> SocketAddr {
+    let scheme_end = url.find("://").map(|i| i + 3).unwrap_or(0);
+    let rest = &url[scheme_end..];
+    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    let hostport = authority.rsplit('@').next().unwrap_or(authority);
+    let default_port = if url.starts_with("redis") { 6379 } else { 5432 };
+    let hostport = if hostport.contains(':') { hostport.to_string() } else { format!("{hostport}:{default_port}") };
+    use std::net::ToSocketAddrs;
+    hostport.to_socket_addrs().ok().and_then(|mut a| a.next()).unwrap_or_else(|| panic!("cannot resolve {hostport}"))
+}
