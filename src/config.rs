@@ -83,6 +83,95 @@ pub const SETTINGS: &[Setting] = &[
         help: "Largest gRPC message accepted or sent, in bytes",
     },
     Setting { name: "TMWS_LOG_FORMAT", default: "pretty in development, json otherwise", help: "json | pretty" },
+    Setting {
+        name: "TMWS_DEV_AGENT_ID",
+        default: "dev-agent",
+        help: "Development only (auth off): the agent id calls run as",
+    },
+    Setting {
+        name: "TMWS_DEV_NAMESPACE",
+        default: "default",
+        help: "Development only (auth off): the namespace calls run in",
+    },
+    Setting {
+        name: "TMWS_DEV_TRUST_HEADERS",
+        default: "false",
+        help: "Development only: take the principal from x-tmws-agent-id, x-tmws-namespace and x-tmws-role metadata (local multi-agent testing); refused outside development",
+    },
+    Setting {
+        name: "TMWS_EMBEDDING_PROVIDER",
+        default: "hash",
+        help: "hash (built-in lexical embedder) | openai (any /v1/embeddings endpoint) | ollama (native /api/embed) | none (clients send vectors)",
+    },
+    Setting {
+        name: "TMWS_EMBEDDING_URL",
+        default: "(unset)",
+        help: "Base URL of the embedding server for openai and ollama, e.g. http://127.0.0.1:11434",
+    },
+    Setting {
+        name: "TMWS_EMBEDDING_MODEL",
+        default: "tmws-hash-v1 (hash), client (none)",
+        help: "Model name sent to the provider and recorded on every memory; required for openai and ollama",
+    },
+    Setting { name: "TMWS_EMBEDDING_API_KEY", default: "(unset)", help: "Bearer token for the embedding server" },
+    Setting {
+        name: "TMWS_EMBEDDING_DIMENSION",
+        default: "384 for hash and none",
+        help: "Vector dimension of the model; required for openai and ollama",
+    },
+    Setting { name: "TMWS_EMBEDDING_TIMEOUT", default: "10s", help: "Timeout of one embedding request" },
+    Setting {
+        name: "TMWS_EMBEDDING_MAX_RETRIES",
+        default: "2",
+        help: "Retries of a failed embedding request, with backoff, before UNAVAILABLE (0..=10)",
+    },
+    Setting {
+        name: "TMWS_EMBEDDING_BATCH_SIZE",
+        default: "64",
+        help: "Texts per embedding request when embedding a batch (1..=2048)",
+    },
+    Setting { name: "TMWS_MAX_CONTENT_BYTES", default: "65536", help: "Largest memory content, in bytes" },
+    Setting { name: "TMWS_MAX_TAGS", default: "64", help: "Most tags on one memory" },
+    Setting { name: "TMWS_MAX_TAG_BYTES", default: "128", help: "Longest tag, in bytes" },
+    Setting { name: "TMWS_MAX_METADATA_BYTES", default: "16384", help: "Largest memory metadata, as JSON bytes" },
+    Setting { name: "TMWS_MAX_METADATA_DEPTH", default: "10", help: "Deepest nesting of memory metadata" },
+    Setting { name: "TMWS_MAX_BATCH_SIZE", default: "100", help: "Most memories in one BatchCreateMemories call" },
+    Setting { name: "TMWS_DEFAULT_PAGE_SIZE", default: "50", help: "page_size used when a List request leaves it 0" },
+    Setting {
+        name: "TMWS_MAX_PAGE_SIZE",
+        default: "500",
+        help: "Largest page; bigger page_size values are coerced to it",
+    },
+    Setting { name: "TMWS_MAX_TOP_K", default: "100", help: "Largest search top_k; bigger values are coerced to it" },
+    Setting { name: "TMWS_MAX_TTL", default: "87600h", help: "Longest memory ttl, and furthest expire_time from now" },
+    Setting { name: "TMWS_PRUNE_MAX_PER_CALL", default: "10000", help: "Most memories one PruneMemories call deletes" },
+    Setting {
+        name: "TMWS_SWEEP_INTERVAL",
+        default: "60s",
+        help: "How often expired memories are deleted (they are invisible at once regardless)",
+    },
+    Setting { name: "TMWS_SWEEP_BATCH", default: "1000", help: "Expired memories deleted per sweeper statement" },
+    Setting {
+        name: "TMWS_HNSW_M",
+        default: "16",
+        help: "HNSW parameter m, used when the server creates the index for a dimension",
+    },
+    Setting { name: "TMWS_HNSW_EF_CONSTRUCTION", default: "64", help: "HNSW parameter ef_construction" },
+    Setting {
+        name: "TMWS_HNSW_EF_SEARCH",
+        default: "40",
+        help: "hnsw.ef_search on every connection (recall against speed)",
+    },
+    Setting {
+        name: "TMWS_EXACT_SEARCH_THRESHOLD",
+        default: "10000",
+        help: "Filtered searches matching fewer rows than this are answered exactly (prefilter, then sort by distance) instead of through HNSW",
+    },
+    Setting {
+        name: "TMWS_TEXT_SEARCH_CONFIG",
+        default: "english",
+        help: "PostgreSQL text search configuration used for keyword search",
+    },
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +210,92 @@ impl FromStr for LogFormat {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmbeddingProviderKind {
+    /// Built-in deterministic lexical embedder (hashed word and character n-grams).
+    Hash,
+    /// Any OpenAI-compatible `POST {url}/v1/embeddings` endpoint.
+    OpenAi,
+    /// Ollama's native `POST {url}/api/embed`.
+    Ollama,
+    /// No server-side embedding: clients send vectors.
+    None,
+}
+
+impl FromStr for EmbeddingProviderKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "hash" => Ok(Self::Hash),
+            "openai" => Ok(Self::OpenAi),
+            "ollama" => Ok(Self::Ollama),
+            "none" => Ok(Self::None),
+            _ => Err("expected hash, openai, ollama or none".into()),
+        }
+    }
+}
+
+/// How memories get their vectors.
+#[derive(Clone)]
+pub struct EmbeddingConfig {
+    pub provider: EmbeddingProviderKind,
+    /// Base URL (openai, ollama), without a trailing slash.
+    pub url: Option<String>,
+    pub model: String,
+    pub api_key: Option<String>,
+    pub dimension: usize,
+    pub timeout: Duration,
+    pub max_retries: u32,
+    pub batch_size: usize,
+}
+
+impl fmt::Debug for EmbeddingConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmbeddingConfig")
+            .field("provider", &self.provider)
+            .field("url", &self.url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("dimension", &self.dimension)
+            .field("timeout", &self.timeout)
+            .field("max_retries", &self.max_retries)
+            .field("batch_size", &self.batch_size)
+            .finish()
+    }
+}
+
+/// Limits and tuning of the memory service.
+#[derive(Debug, Clone)]
+pub struct MemoryConfig {
+    pub max_content_bytes: usize,
+    pub max_tags: usize,
+    pub max_tag_bytes: usize,
+    pub max_metadata_bytes: usize,
+    pub max_metadata_depth: usize,
+    pub max_batch_size: usize,
+    pub default_page_size: usize,
+    pub max_page_size: usize,
+    pub max_top_k: usize,
+    pub max_ttl: Duration,
+    pub prune_max_per_call: usize,
+    pub sweep_interval: Duration,
+    pub sweep_batch: usize,
+    pub hnsw_m: u32,
+    pub hnsw_ef_construction: u32,
+    pub hnsw_ef_search: u32,
+    pub exact_search_threshold: u64,
+    pub text_search_config: String,
+}
+
+/// The principal calls run as when authentication is off (development only).
+#[derive(Debug, Clone)]
+pub struct DevPrincipalConfig {
+    pub agent_id: String,
+    pub namespace: String,
+    /// Take the principal from `x-tmws-agent-id` / `x-tmws-namespace` / `x-tmws-role` metadata.
+    pub trust_headers: bool,
+}
+
 /// A setting that could not be used; `Display` is one line naming the variable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -154,6 +329,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub max_message_bytes: usize,
     pub log_format: LogFormat,
+    pub dev: DevPrincipalConfig,
+    pub embedding: EmbeddingConfig,
+    pub memory: MemoryConfig,
 }
 
 impl fmt::Debug for Config {
@@ -176,6 +354,9 @@ impl fmt::Debug for Config {
             .field("shutdown_grace", &self.shutdown_grace)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("log_format", &self.log_format)
+            .field("dev", &self.dev)
+            .field("embedding", &self.embedding)
+            .field("memory", &self.memory)
             .finish()
     }
 }
@@ -261,6 +442,98 @@ impl Config {
         let default_format = if is_dev { LogFormat::Pretty } else { LogFormat::Json };
         let log_format = parse(&get, "TMWS_LOG_FORMAT", default_format)?;
 
+        let dev = DevPrincipalConfig {
+            agent_id: get("TMWS_DEV_AGENT_ID").unwrap_or_else(|| "dev-agent".into()),
+            namespace: get("TMWS_DEV_NAMESPACE").unwrap_or_else(|| "default".into()),
+            trust_headers: parse_bool(&get, "TMWS_DEV_TRUST_HEADERS", false)?,
+        };
+        if dev.trust_headers && !is_dev {
+            return Err(err("TMWS_DEV_TRUST_HEADERS", "allowed only with TMWS_ENVIRONMENT=development"));
+        }
+        if !crate::config::is_valid_identifier(&dev.agent_id) {
+            return Err(err("TMWS_DEV_AGENT_ID", "must be 1-128 characters of [A-Za-z0-9._:@-]"));
+        }
+        if !crate::config::is_valid_identifier(&dev.namespace) {
+            return Err(err("TMWS_DEV_NAMESPACE", "must be 1-128 characters of [A-Za-z0-9._:@-]"));
+        }
+
+        let provider: EmbeddingProviderKind = parse(&get, "TMWS_EMBEDDING_PROVIDER", EmbeddingProviderKind::Hash)?;
+        let needs_server = matches!(provider, EmbeddingProviderKind::OpenAi | EmbeddingProviderKind::Ollama);
+        let url = get("TMWS_EMBEDDING_URL").map(|u| u.trim_end_matches('/').to_string());
+        if needs_server {
+            match &url {
+                None => return Err(err("TMWS_EMBEDDING_URL", "required for the openai and ollama providers")),
+                Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                    return Err(err("TMWS_EMBEDDING_URL", "expected an http:// or https:// URL"));
+                }
+                Some(_) => {}
+            }
+        }
+        let model = match (get("TMWS_EMBEDDING_MODEL"), provider) {
+            (Some(m), _) => m,
+            (None, EmbeddingProviderKind::Hash) => "tmws-hash-v1".into(),
+            (None, EmbeddingProviderKind::None) => "client".into(),
+            (None, _) => return Err(err("TMWS_EMBEDDING_MODEL", "required for the openai and ollama providers")),
+        };
+        let dimension: usize = match (get("TMWS_EMBEDDING_DIMENSION"), needs_server) {
+            (None, true) => {
+                return Err(err("TMWS_EMBEDDING_DIMENSION", "required for the openai and ollama providers"));
+            }
+            _ => parse(&get, "TMWS_EMBEDDING_DIMENSION", 384)?,
+        };
+        if !(1..=16000).contains(&dimension) {
+            return Err(err("TMWS_EMBEDDING_DIMENSION", "must be between 1 and 16000"));
+        }
+        let embedding = EmbeddingConfig {
+            provider,
+            url,
+            model,
+            api_key: get("TMWS_EMBEDDING_API_KEY"),
+            dimension,
+            timeout: parse_duration(&get, "TMWS_EMBEDDING_TIMEOUT", secs(10))?,
+            max_retries: parse_range(&get, "TMWS_EMBEDDING_MAX_RETRIES", 2, 0, 10)?,
+            batch_size: parse_range(&get, "TMWS_EMBEDDING_BATCH_SIZE", 64, 1, 2048)?,
+        };
+        if embedding.timeout.is_zero() {
+            return Err(err("TMWS_EMBEDDING_TIMEOUT", "must be greater than zero"));
+        }
+
+        let default_page_size = parse_range(&get, "TMWS_DEFAULT_PAGE_SIZE", 50, 1, 10_000)?;
+        let max_page_size = parse_range(&get, "TMWS_MAX_PAGE_SIZE", 500, 1, 10_000)?;
+        if default_page_size > max_page_size {
+            return Err(err("TMWS_DEFAULT_PAGE_SIZE", "must not exceed TMWS_MAX_PAGE_SIZE"));
+        }
+        let text_search_config = get("TMWS_TEXT_SEARCH_CONFIG").unwrap_or_else(|| "english".into());
+        if !text_search_config.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(err(
+                "TMWS_TEXT_SEARCH_CONFIG",
+                "must be a text search configuration name such as english or simple",
+            ));
+        }
+        let memory = MemoryConfig {
+            max_content_bytes: parse_range(&get, "TMWS_MAX_CONTENT_BYTES", 64 * 1024, 1, 64 * 1024 * 1024)?,
+            max_tags: parse_range(&get, "TMWS_MAX_TAGS", 64, 0, 10_000)?,
+            max_tag_bytes: parse_range(&get, "TMWS_MAX_TAG_BYTES", 128, 1, 4096)?,
+            max_metadata_bytes: parse_range(&get, "TMWS_MAX_METADATA_BYTES", 16 * 1024, 2, 16 * 1024 * 1024)?,
+            max_metadata_depth: parse_range(&get, "TMWS_MAX_METADATA_DEPTH", 10, 1, 100)?,
+            max_batch_size: parse_range(&get, "TMWS_MAX_BATCH_SIZE", 100, 1, 10_000)?,
+            default_page_size,
+            max_page_size,
+            max_top_k: parse_range(&get, "TMWS_MAX_TOP_K", 100, 1, 10_000)?,
+            max_ttl: parse_duration(&get, "TMWS_MAX_TTL", secs(87_600 * 3600))?,
+            prune_max_per_call: parse_range(&get, "TMWS_PRUNE_MAX_PER_CALL", 10_000, 1, 10_000_000)?,
+            sweep_interval: parse_duration(&get, "TMWS_SWEEP_INTERVAL", secs(60))?,
+            sweep_batch: parse_range(&get, "TMWS_SWEEP_BATCH", 1000, 1, 1_000_000)?,
+            hnsw_m: parse_range(&get, "TMWS_HNSW_M", 16, 2, 100)?,
+            hnsw_ef_construction: parse_range(&get, "TMWS_HNSW_EF_CONSTRUCTION", 64, 4, 1000)?,
+            hnsw_ef_search: parse_range(&get, "TMWS_HNSW_EF_SEARCH", 40, 1, 1000)?,
+            exact_search_threshold: parse_range(&get, "TMWS_EXACT_SEARCH_THRESHOLD", 10_000, 0, 100_000_000)?,
+            text_search_config,
+        };
+        if memory.sweep_interval.is_zero() {
+            return Err(err("TMWS_SWEEP_INTERVAL", "must be greater than zero"));
+        }
+
         let config = Config {
             grpc_addr,
             database_url,
@@ -278,6 +551,9 @@ impl Config {
             shutdown_grace,
             max_message_bytes,
             log_format,
+            dev,
+            embedding,
+            memory,
         };
         config.validate()?;
         Ok(config)
@@ -343,6 +619,24 @@ where
         None => Ok(default),
         Some(raw) => raw.parse::<T>().map_err(|e| err(name, format!("invalid value {raw:?}: {e}"))),
     }
+}
+
+/// Agent ids and namespaces: 1-128 characters of `[A-Za-z0-9._:@-]`.
+pub fn is_valid_identifier(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || "._:@-".contains(c))
+}
+
+fn parse_range<T, G>(get: &G, name: &'static str, default: T, min: T, max: T) -> Result<T, ConfigError>
+where
+    T: FromStr + PartialOrd + fmt::Display + Copy,
+    T::Err: fmt::Display,
+    G: Fn(&'static str) -> Option<String>,
+{
+    let value = parse(get, name, default)?;
+    if value < min || value > max {
+        return Err(err(name, format!("must be between {min} and {max}")));
+    }
+    Ok(value)
 }
 
 fn parse_bool<G>(get: &G, name: &'static str, default: bool) -> Result<bool, ConfigError>

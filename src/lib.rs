@@ -4,9 +4,13 @@
 //! durable workflows. Data flows one way: `api -> domain -> store`; [`server`] wires it up.
 
 pub mod api;
+pub mod auth;
 pub mod config;
+pub mod embed;
 pub mod error;
 pub mod health;
+pub mod memory;
+pub mod page_token;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -1,7 +1,7 @@
 //! The composition root: pools, stores, services, health, reflection, layers and shutdown.
 //! This is the only module that knows every part.
 
-use std::{future::Future, net::SocketAddr, pin::pin, time::Duration};
+use std::{future::Future, net::SocketAddr, pin::pin, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
@@ -10,8 +10,11 @@ use tonic_health::ServingStatus;
 
 use crate::{
     api::{MemoryApi, WorkflowApi},
+    auth::PrincipalLayer,
     config::Config,
+    embed::Embedder,
     health::{self, HealthWatcher},
+    memory::MemoryService,
     pb::{self, memory_service_server::MemoryServiceServer, workflow_service_server::WorkflowServiceServer},
     store::{PgStore, RedisStore, postgres::ensure_database},
 };
@@ -35,6 +38,9 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         None => None,
     };
 
+    let embedder = Embedder::from_config(&config.embedding)?;
+    let memory_service = MemoryService::new(Arc::new(pg.clone()), embedder, config.memory.clone()).await?;
+
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter.set_service_status("", ServingStatus::Serving).await;
     let watcher = HealthWatcher {
@@ -46,7 +52,8 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         timeout: config.health_check_timeout,
     };
     let (stop_watch, stop_rx) = watch::channel(false);
-    let watcher_task = watcher.start(stop_rx).await;
+    let watcher_task = watcher.start(stop_rx.clone()).await;
+    let memory_task = memory_service.spawn_background(stop_rx);
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -60,13 +67,15 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         .build_v1alpha()?;
 
     let max = config.max_message_bytes;
-    let memory =
-        MemoryServiceServer::new(MemoryApi::default()).max_decoding_message_size(max).max_encoding_message_size(max);
+    let memory = MemoryServiceServer::new(MemoryApi::new(memory_service))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
     let workflow = WorkflowServiceServer::new(WorkflowApi::default())
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
 
     let router = tonic::transport::Server::builder()
+        .layer(PrincipalLayer::development(config.dev.clone()))
         .http2_adaptive_window(Some(true))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -95,6 +104,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
             tracing::info!(grace = ?config.shutdown_grace, "shutdown requested: draining");
             let _ = stop_watch.send(true);
             let _ = watcher_task.await;
+            let _ = memory_task.await;
             health::set_all_not_serving(&reporter).await;
             let _ = drain_tx.send(());
             match tokio::time::timeout(config.shutdown_grace, &mut server).await {

@@ -7,6 +7,7 @@ use tonic::{Response, Status};
 
 use crate::error::Error;
 
+pub mod convert;
 pub mod memory;
 pub mod workflow;
 

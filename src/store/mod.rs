@@ -1,7 +1,124 @@
 //! Persistence. All SQL lives under this module; callers see domain types only.
 
+pub mod memory;
 pub mod postgres;
 pub mod redis;
 
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
 pub use postgres::PgStore;
 pub use redis::RedisStore;
+
+use crate::{
+    auth::Principal,
+    error::Result,
+    memory::{
+        Cursor, Grant, Memory, MemoryFilter, MemoryPatch, MemoryStats, NewMemory, OrderBy, PruneCriteria, ScoredMemory,
+    },
+};
+
+/// Storage of memories. Every read takes the caller's principal and applies the access rules in
+/// the query itself; a row the caller may not see behaves as if it did not exist.
+#[async_trait]
+pub trait MemoryStore: Send + Sync + 'static {
+    /// A named server secret shared by every replica; created from `generate` on first use.
+    async fn secret(&self, name: &str, generate: &(dyn Fn() -> Vec<u8> + Send + Sync)) -> Result<Vec<u8>>;
+
+    /// Makes sure the ANN index for vectors of `dim` dimensions exists.
+    async fn ensure_vector_index(&self, dim: usize, m: u32, ef_construction: u32) -> Result<()>;
+
+    /// Inserts all or nothing; items whose `request_id` was seen before return the first result.
+    async fn insert_memories(&self, p: &Principal, items: Vec<NewMemory>) -> Result<Vec<Memory>>;
+
+    async fn get_memory(&self, p: &Principal, ns: &str, id: Uuid, with_embedding: bool) -> Result<Option<Memory>>;
+
+    /// NOT_FOUND when invisible, PERMISSION_DENIED when visible but not writable, ABORTED on a
+    /// version mismatch.
+    async fn update_memory(
+        &self,
+        p: &Principal,
+        ns: &str,
+        id: Uuid,
+        expected_version: Option<i64>,
+        patch: &MemoryPatch,
+    ) -> Result<Memory>;
+
+    async fn delete_memory(&self, p: &Principal, ns: &str, id: Uuid, expected_version: Option<i64>) -> Result<()>;
+
+    #[allow(clippy::too_many_arguments)]
+    async fn list_memories(
+        &self,
+        p: &Principal,
+        ns: &str,
+        filter: &MemoryFilter,
+        order: OrderBy,
+        after: Option<&Cursor>,
+        limit: usize,
+        with_embedding: bool,
+    ) -> Result<Vec<Memory>>;
+
+    /// How many visible memories with vectors of this model match `filter`, counting at most `cap`.
+    async fn count_matching(
+        &self,
+        p: &Principal,
+        ns: &str,
+        filter: &MemoryFilter,
+        model: &str,
+        dim: usize,
+        cap: u64,
+    ) -> Result<u64>;
+
+    /// The `k` nearest visible memories by cosine distance, best first; score = cosine similarity.
+    #[allow(clippy::too_many_arguments)]
+    async fn semantic_search(
+        &self,
+        p: &Principal,
+        ns: &str,
+        filter: &MemoryFilter,
+        query: &[f32],
+        model: &str,
+        k: usize,
+        max_distance: Option<f64>,
+        exact: bool,
+        with_embedding: bool,
+    ) -> Result<Vec<ScoredMemory>>;
+
+    /// Full-text matches, best first; score = ts_rank_cd. `dim` selects which stored vectors to
+    /// return alongside (for MMR).
+    #[allow(clippy::too_many_arguments)]
+    async fn keyword_search(
+        &self,
+        p: &Principal,
+        ns: &str,
+        filter: &MemoryFilter,
+        text: &str,
+        text_config: &str,
+        k: usize,
+        with_embedding: bool,
+        dim: usize,
+    ) -> Result<Vec<ScoredMemory>>;
+
+    async fn share_memory(
+        &self,
+        p: &Principal,
+        ns: &str,
+        id: Uuid,
+        grants: &[Grant],
+        revoke: &[String],
+        expected_version: Option<i64>,
+    ) -> Result<Memory>;
+
+    /// Deletes (or counts, when dry-run) up to `limit` matching memories; returns the count and
+    /// whether more remain.
+    async fn prune(&self, criteria: &PruneCriteria) -> Result<(i64, bool)>;
+
+    async fn stats(&self, p: &Principal, ns: &str) -> Result<MemoryStats>;
+
+    /// Deletes up to `batch` expired memories; returns how many.
+    async fn sweep_expired(&self, batch: usize) -> Result<u64>;
+
+    /// Adds deferred read counts: (id, reads, last read time).
+    async fn record_access(&self, counts: &[(Uuid, i64, DateTime<Utc>)]) -> Result<()>;
+}

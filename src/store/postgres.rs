@@ -41,7 +41,14 @@ impl PgStore {
     /// The pool reconnects by itself afterwards; a later outage only makes calls fail.
     pub async fn connect(config: &Config) -> Result<Self, StoreInitError> {
         let options: PgConnectOptions = config.database_url.parse().map_err(StoreInitError::Url)?;
-        let options = options.application_name("tmws");
+        // Per-connection settings: ANN search quality, iterative index scans (pgvector >= 0.8) so
+        // filtered searches still return k rows, and the text search configuration.
+        let ef_search = config.memory.hnsw_ef_search.to_string();
+        let options = options.application_name("tmws").options([
+            ("hnsw.ef_search", ef_search.as_str()),
+            ("hnsw.iterative_scan", "relaxed_order"),
+            ("tmws.text_search_config", config.memory.text_search_config.as_str()),
+        ]);
         let pool = PgPoolOptions::new()
             .max_connections(config.db_max_connections)
             .min_connections(0)

@@ -5,5 +5,8 @@ mod common;
 
 mod cli;
 mod health;
+mod memory;
+mod memory_access;
+mod memory_search;
 mod reflection;
 mod unimplemented;

@@ -29,19 +29,6 @@ macro_rules! check {
 #[tokio::test]
 async fn pending_methods_answer_unimplemented() {
     let app = spawn_app().await;
-    let mut memory = app.memory();
-    check!(memory, "MemoryService",
-        create_memory(CreateMemoryRequest) => "CreateMemory",
-        batch_create_memories(BatchCreateMemoriesRequest) => "BatchCreateMemories",
-        get_memory(GetMemoryRequest) => "GetMemory",
-        update_memory(UpdateMemoryRequest) => "UpdateMemory",
-        delete_memory(DeleteMemoryRequest) => "DeleteMemory",
-        list_memories(ListMemoriesRequest) => "ListMemories",
-        search_memories(SearchMemoriesRequest) => "SearchMemories",
-        share_memory(ShareMemoryRequest) => "ShareMemory",
-        prune_memories(PruneMemoriesRequest) => "PruneMemories",
-        get_memory_stats(GetMemoryStatsRequest) => "GetMemoryStats",
-    );
     let mut workflow = app.workflow();
     check!(workflow, "WorkflowService",
         create_workflow(CreateWorkflowRequest) => "CreateWorkflow",

@@ -16,6 +16,8 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+pub mod embed_server;
+
 use sqlx::{Connection, Executor, PgConnection};
 use tmws::{
     config::Config,
@@ -164,6 +166,24 @@ pub async fn spawn_app() -> TestApp {
     let env = test_env();
     let db = fresh_database(&env).await;
     spawn_app_with(test_config(&db, Some(&env.redis_url), &[])).await
+}
+
+/// A server on a fresh database with Redis, started with extra settings.
+pub async fn spawn_app_env(overrides: &[(&str, &str)]) -> TestApp {
+    let env = test_env();
+    let db = fresh_database(&env).await;
+    spawn_app_with(test_config(&db, Some(&env.redis_url), overrides)).await
+}
+
+/// Attaches a development principal to a request (servers started with
+/// `TMWS_DEV_TRUST_HEADERS=true`).
+pub fn as_agent<T>(message: T, agent: &str, namespace: &str, role: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    let md = req.metadata_mut();
+    md.insert("x-tmws-agent-id", agent.parse().expect("ascii agent"));
+    md.insert("x-tmws-namespace", namespace.parse().expect("ascii namespace"));
+    md.insert("x-tmws-role", role.parse().expect("ascii role"));
+    req
 }
 
 /// A server started from `config`; waits until it answers health checks.
