@@ -7,6 +7,7 @@ mod cli;
 mod health;
 mod memory;
 mod memory_access;
+mod memory_embed;
 mod memory_search;
 mod reflection;
 mod unimplemented;

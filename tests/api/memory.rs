@@ -459,3 +459,153 @@ async fn prune_and_stats() {
     let _ = count(&app).await;
     app.stop().await.expect("stop");
 }
+
+#[tokio::test]
+async fn list_filters_apply_inside_the_query() {
+    let app = spawn_app_env(&[TRUST]).await;
+    let mut client = app.memory();
+    let mut requests = Vec::new();
+    for i in 0..12 {
+        let mut m = memory(&format!("filterable memory {i}"));
+        m.kind = if i % 3 == 0 { "decision".into() } else { "fact".into() };
+        m.tags = match i % 4 {
+            0 => vec!["a".into(), "b".into()],
+            1 => vec!["a".into()],
+            2 => vec!["b".into()],
+            _ => vec![],
+        };
+        m.importance = Some(f64::from(i) / 11.0);
+        m.access_level = if i < 6 { pb::AccessLevel::Team } else { pb::AccessLevel::Public } as i32;
+        m.metadata = Some(tmws::api::convert::json_to_struct(
+            serde_json::json!({"parity": if i % 2 == 0 { "even" } else { "odd" }, "i": i}),
+        ));
+        requests.push(create(m));
+    }
+    let created = client
+        .batch_create_memories(as_agent(
+            pb::BatchCreateMemoriesRequest { requests, ..Default::default() },
+            "alice",
+            "ns",
+            "agent",
+        ))
+        .await
+        .expect("batch")
+        .into_inner()
+        .memories;
+    client.create_memory(as_agent(create(memory("bob's own")), "bob", "ns", "agent")).await.expect("bob");
+    let middle = created[6].create_time;
+
+    let list = |f: pb::MemoryFilter| {
+        let mut c = app.memory();
+        async move {
+            let r = c
+                .list_memories(as_agent(
+                    pb::ListMemoriesRequest { filter: Some(f), ..Default::default() },
+                    "alice",
+                    "ns",
+                    "agent",
+                ))
+                .await
+                .expect("list")
+                .into_inner();
+            let mut contents: Vec<usize> = r
+                .memories
+                .iter()
+                .filter_map(|m| m.content.strip_prefix("filterable memory ").and_then(|n| n.parse().ok()))
+                .collect();
+            contents.sort_unstable();
+            (r.memories.len(), contents)
+        }
+    };
+    assert_eq!(
+        list(pb::MemoryFilter { tags_any: vec!["a".into()], ..Default::default() }).await.1,
+        vec![0, 1, 4, 5, 8, 9]
+    );
+    assert_eq!(
+        list(pb::MemoryFilter { tags_all: vec!["a".into(), "b".into()], ..Default::default() }).await.1,
+        vec![0, 4, 8]
+    );
+    assert_eq!(
+        list(pb::MemoryFilter { kinds: vec!["decision".into()], ..Default::default() }).await.1,
+        vec![0, 3, 6, 9]
+    );
+    assert_eq!(
+        list(pb::MemoryFilter { owners: vec!["bob".into()], ..Default::default() }).await.0,
+        0,
+        "bob's PRIVATE memory stays invisible"
+    );
+    assert_eq!(
+        list(pb::MemoryFilter { access_levels: vec![pb::AccessLevel::Public as i32], ..Default::default() }).await.1,
+        vec![6, 7, 8, 9, 10, 11]
+    );
+    assert_eq!(
+        list(pb::MemoryFilter { min_importance: Some(0.5), max_importance: Some(0.8), ..Default::default() }).await.1,
+        vec![6, 7, 8]
+    );
+    assert_eq!(
+        list(pb::MemoryFilter { create_time_after: middle, ..Default::default() }).await.1,
+        vec![7, 8, 9, 10, 11]
+    );
+    assert_eq!(
+        list(pb::MemoryFilter { create_time_before: middle, ..Default::default() }).await.1,
+        vec![0, 1, 2, 3, 4, 5]
+    );
+    let meta = tmws::api::convert::json_to_struct(serde_json::json!({"parity": "odd"}));
+    assert_eq!(
+        list(pb::MemoryFilter { metadata_equals: Some(meta), kinds: vec!["fact".into()], ..Default::default() })
+            .await
+            .1,
+        vec![1, 5, 7, 11]
+    );
+    let bad = client
+        .list_memories(pb::ListMemoriesRequest {
+            filter: Some(pb::MemoryFilter {
+                min_importance: Some(0.9),
+                max_importance: Some(0.1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("inverted range");
+    assert_invalid(&bad, "filter.min_importance");
+
+    // Search applies the same filter, coerces top_k, and accepts MMR diversity.
+    let found = client
+        .search_memories(as_agent(
+            pb::SearchMemoriesRequest {
+                query: "filterable memory".into(),
+                top_k: 1000,
+                diversity: Some(0.5),
+                filter: Some(pb::MemoryFilter { kinds: vec!["decision".into()], ..Default::default() }),
+                ..Default::default()
+            },
+            "alice",
+            "ns",
+            "agent",
+        ))
+        .await
+        .expect("search")
+        .into_inner();
+    assert_eq!(found.results.len(), 4);
+    assert!(found.results.iter().all(|r| r.memory.as_ref().is_some_and(|m| m.kind == "decision")));
+
+    // Prune of expired memories only touches expired ones.
+    let mut short = memory("expires soon");
+    short.ttl = Some(prost_types::Duration { seconds: 0, nanos: 300_000_000 });
+    client.create_memory(as_agent(create(short), "alice", "ns", "agent")).await.expect("short");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pruned = client
+        .prune_memories(as_agent(
+            pb::PruneMemoriesRequest { expired: true, ..Default::default() },
+            "alice",
+            "ns",
+            "agent",
+        ))
+        .await
+        .expect("prune expired")
+        .into_inner();
+    assert_eq!(pruned.pruned_count, 1);
+    assert_eq!(rows(&app).await, 13);
+    app.stop().await.expect("stop");
+}
