@@ -172,6 +172,37 @@ pub const SETTINGS: &[Setting] = &[
         default: "english",
         help: "PostgreSQL text search configuration used for keyword search",
     },
+    Setting { name: "TMWS_MAX_WORKFLOW_STEPS", default: "500", help: "Most steps in one workflow" },
+    Setting { name: "TMWS_MAX_STEP_CONFIG_BYTES", default: "16384", help: "Largest step config, as JSON bytes" },
+    Setting {
+        name: "TMWS_MAX_PAYLOAD_BYTES",
+        default: "262144",
+        help: "Largest run input, task input and task output, as JSON bytes",
+    },
+    Setting {
+        name: "TMWS_DEFAULT_MAX_ATTEMPTS",
+        default: "3",
+        help: "Attempts of a step or task without a retry policy",
+    },
+    Setting { name: "TMWS_MAX_ATTEMPTS", default: "100", help: "Largest max_attempts a retry policy may ask for" },
+    Setting { name: "TMWS_DEFAULT_INITIAL_BACKOFF", default: "1s", help: "First retry backoff without a retry policy" },
+    Setting { name: "TMWS_DEFAULT_MAX_BACKOFF", default: "60s", help: "Largest retry backoff without a retry policy" },
+    Setting { name: "TMWS_MAX_BACKOFF", default: "1h", help: "Largest backoff a retry policy may ask for" },
+    Setting { name: "TMWS_MAX_TIMEOUT", default: "7d", help: "Longest step timeout, run timeout and DELAY duration" },
+    Setting { name: "TMWS_DEFAULT_LEASE", default: "30s", help: "Task lease when ClaimTasks gives none" },
+    Setting { name: "TMWS_MAX_LEASE", default: "1h", help: "Longest task lease" },
+    Setting { name: "TMWS_MAX_CLAIM_BATCH", default: "100", help: "Most tasks one ClaimTasks call may ask for" },
+    Setting { name: "TMWS_MAX_CLAIM_WAIT", default: "30s", help: "Longest ClaimTasks long-poll" },
+    Setting {
+        name: "TMWS_ENGINE_TICK",
+        default: "250ms",
+        help: "How often each replica expires leases, fires timers and times out runs",
+    },
+    Setting {
+        name: "TMWS_WATCH_BUFFER",
+        default: "256",
+        help: "Events buffered per WatchRun stream before the stream waits for its client",
+    },
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,6 +318,26 @@ pub struct MemoryConfig {
     pub text_search_config: String,
 }
 
+/// Limits and timing of the workflow engine; durations in milliseconds.
+#[derive(Debug, Clone)]
+pub struct WorkflowConfig {
+    pub max_steps: usize,
+    pub max_step_config_bytes: usize,
+    pub max_payload_bytes: usize,
+    pub default_max_attempts: i32,
+    pub max_attempts: i32,
+    pub default_initial_backoff_ms: i64,
+    pub default_max_backoff_ms: i64,
+    pub max_backoff_ms: i64,
+    pub max_timeout_ms: i64,
+    pub default_lease_ms: i64,
+    pub max_lease_ms: i64,
+    pub max_claim_batch: usize,
+    pub max_claim_wait_ms: i64,
+    pub engine_tick: Duration,
+    pub watch_buffer: usize,
+}
+
 /// The principal calls run as when authentication is off (development only).
 #[derive(Debug, Clone)]
 pub struct DevPrincipalConfig {
@@ -332,6 +383,7 @@ pub struct Config {
     pub dev: DevPrincipalConfig,
     pub embedding: EmbeddingConfig,
     pub memory: MemoryConfig,
+    pub workflow: WorkflowConfig,
 }
 
 impl fmt::Debug for Config {
@@ -357,6 +409,7 @@ impl fmt::Debug for Config {
             .field("dev", &self.dev)
             .field("embedding", &self.embedding)
             .field("memory", &self.memory)
+            .field("workflow", &self.workflow)
             .finish()
     }
 }
@@ -534,6 +587,34 @@ impl Config {
             return Err(err("TMWS_SWEEP_INTERVAL", "must be greater than zero"));
         }
 
+        let ms = |d: Duration| d.as_millis().min(i64::MAX as u128) as i64;
+        let workflow = WorkflowConfig {
+            max_steps: parse_range(&get, "TMWS_MAX_WORKFLOW_STEPS", 500, 1, 100_000)?,
+            max_step_config_bytes: parse_range(&get, "TMWS_MAX_STEP_CONFIG_BYTES", 16 * 1024, 2, 16 * 1024 * 1024)?,
+            max_payload_bytes: parse_range(&get, "TMWS_MAX_PAYLOAD_BYTES", 256 * 1024, 2, 64 * 1024 * 1024)?,
+            default_max_attempts: parse_range(&get, "TMWS_DEFAULT_MAX_ATTEMPTS", 3, 1, 10_000)?,
+            max_attempts: parse_range(&get, "TMWS_MAX_ATTEMPTS", 100, 1, 10_000)?,
+            default_initial_backoff_ms: ms(parse_duration(&get, "TMWS_DEFAULT_INITIAL_BACKOFF", secs(1))?),
+            default_max_backoff_ms: ms(parse_duration(&get, "TMWS_DEFAULT_MAX_BACKOFF", secs(60))?),
+            max_backoff_ms: ms(parse_duration(&get, "TMWS_MAX_BACKOFF", secs(3600))?),
+            max_timeout_ms: ms(parse_duration(&get, "TMWS_MAX_TIMEOUT", secs(7 * 86_400))?),
+            default_lease_ms: ms(parse_duration(&get, "TMWS_DEFAULT_LEASE", secs(30))?),
+            max_lease_ms: ms(parse_duration(&get, "TMWS_MAX_LEASE", secs(3600))?),
+            max_claim_batch: parse_range(&get, "TMWS_MAX_CLAIM_BATCH", 100, 1, 10_000)?,
+            max_claim_wait_ms: ms(parse_duration(&get, "TMWS_MAX_CLAIM_WAIT", secs(30))?),
+            engine_tick: parse_duration(&get, "TMWS_ENGINE_TICK", Duration::from_millis(250))?,
+            watch_buffer: parse_range(&get, "TMWS_WATCH_BUFFER", 256, 1, 1_000_000)?,
+        };
+        if workflow.default_max_attempts > workflow.max_attempts {
+            return Err(err("TMWS_DEFAULT_MAX_ATTEMPTS", "must not exceed TMWS_MAX_ATTEMPTS"));
+        }
+        if workflow.engine_tick.is_zero() {
+            return Err(err("TMWS_ENGINE_TICK", "must be greater than zero"));
+        }
+        if workflow.default_lease_ms < 1000 || workflow.default_lease_ms > workflow.max_lease_ms {
+            return Err(err("TMWS_DEFAULT_LEASE", "must be at least 1s and at most TMWS_MAX_LEASE"));
+        }
+
         let config = Config {
             grpc_addr,
             database_url,
@@ -554,6 +635,7 @@ impl Config {
             dev,
             embedding,
             memory,
+            workflow,
         };
         config.validate()?;
         Ok(config)

@@ -14,6 +14,7 @@ pub mod page_token;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod workflow;
 
 /// Code generated from `proto/tmws/v1/*.proto`.
 pub mod pb {

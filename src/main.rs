@@ -48,10 +48,11 @@ fn main() -> ExitCode {
         tracing::debug!(?config, "configuration");
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => {
+                let shutdown = server::shutdown_signal()?;
                 let listener = tokio::net::TcpListener::bind(config.grpc_addr)
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot listen on {} (TMWS_GRPC_ADDR): {e}", config.grpc_addr))?;
-                server::serve(config, listener, server::shutdown_signal()).await
+                server::serve(config, listener, shutdown).await
             }
             Command::Migrate => {
                 ensure_database(&config.database_url).await?;

@@ -16,7 +16,9 @@ use crate::{
     health::{self, HealthWatcher},
     memory::MemoryService,
     pb::{self, memory_service_server::MemoryServiceServer, workflow_service_server::WorkflowServiceServer},
+    store::notify::Notifier,
     store::{PgStore, RedisStore, postgres::ensure_database},
+    workflow::WorkflowService,
 };
 
 /// Connects the stores, applies migrations when `TMWS_AUTO_MIGRATE` is on, and serves on
@@ -40,6 +42,16 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
 
     let embedder = Embedder::from_config(&config.embedding)?;
     let memory_service = MemoryService::new(Arc::new(pg.clone()), embedder, config.memory.clone()).await?;
+    let (notifier, listener_task) = Notifier::start(pg.pool()).await?;
+    let workflow_service = WorkflowService::new(
+        Arc::new(pg.clone()),
+        notifier,
+        memory_service.clone(),
+        config.workflow.clone(),
+        memory_service.page_tokens().clone(),
+        config.memory.default_page_size,
+        config.memory.max_page_size,
+    );
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter.set_service_status("", ServingStatus::Serving).await;
@@ -53,7 +65,8 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     };
     let (stop_watch, stop_rx) = watch::channel(false);
     let watcher_task = watcher.start(stop_rx.clone()).await;
-    let memory_task = memory_service.spawn_background(stop_rx);
+    let memory_task = memory_service.spawn_background(stop_rx.clone());
+    let engine_task = workflow_service.spawn_engine(stop_rx);
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -70,7 +83,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     let memory = MemoryServiceServer::new(MemoryApi::new(memory_service))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-    let workflow = WorkflowServiceServer::new(WorkflowApi::default())
+    let workflow = WorkflowServiceServer::new(WorkflowApi::new(workflow_service))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
 
@@ -105,6 +118,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
             let _ = stop_watch.send(true);
             let _ = watcher_task.await;
             let _ = memory_task.await;
+            let _ = engine_task.await;
             health::set_all_not_serving(&reporter).await;
             let _ = drain_tx.send(());
             match tokio::time::timeout(config.shutdown_grace, &mut server).await {
@@ -116,6 +130,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
             }
         }
     };
+    listener_task.abort();
     pg.close().await;
     tracing::info!("tmws stopped");
     result
@@ -156,30 +171,23 @@ impl RunningServer {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
+/// Registers the SIGTERM and SIGINT handlers now (so a signal arriving during start-up is not
+/// lost to the default action) and returns a future that resolves on the first of them.
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    #[cfg(unix)]
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    Ok(async move {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM received"),
+            _ = interrupt.recv() => tracing::info!("SIGINT received"),
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = terminate => tracing::info!("SIGTERM received"),
-    }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("interrupt received");
+        }
+    })
 }

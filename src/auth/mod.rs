@@ -45,6 +45,10 @@ pub struct Principal {
 }
 
 impl Principal {
+    pub fn new(agent_id: impl Into<String>, namespace: impl Into<String>, role: Role) -> Self {
+        Self { agent_id: agent_id.into(), namespace: namespace.into(), role }
+    }
+
     pub fn is_admin(&self) -> bool {
         self.role == Role::Admin
     }

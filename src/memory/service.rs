@@ -175,6 +175,15 @@ impl MemoryService {
         &self.embedder
     }
 
+    /// The page-token codec (its key is shared by every replica).
+    pub fn page_tokens(&self) -> &PageTokens {
+        &self.tokens
+    }
+
+    pub fn config(&self) -> &MemoryConfig {
+        &self.cfg
+    }
+
     // ---- validation ------------------------------------------------------------------------
 
     fn validate_text_fields(

@@ -1,8 +1,10 @@
 //! Persistence. All SQL lives under this module; callers see domain types only.
 
 pub mod memory;
+pub mod notify;
 pub mod postgres;
 pub mod redis;
+pub mod workflow;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -10,6 +12,7 @@ use uuid::Uuid;
 
 pub use postgres::PgStore;
 pub use redis::RedisStore;
+pub use workflow::WorkflowStore;
 
 use crate::{
     auth::Principal,

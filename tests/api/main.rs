@@ -10,4 +10,5 @@ mod memory_access;
 mod memory_embed;
 mod memory_search;
 mod reflection;
-mod unimplemented;
+mod workflow;
+mod workflow_replicas;

@@ -1,0 +1,1332 @@
+//! Workflows, runs and the leased task queue in PostgreSQL.
+//!
+//! Locking discipline (deadlock-free by construction):
+//! - a transition of a task (claim, heartbeat, complete, fail, lease expiry, engine step) locks
+//!   the task row first, then its run row (`FOR UPDATE`);
+//! - while holding a run row, a transaction locks only BLOCKED tasks of that run (to unblock or
+//!   skip them), which no other transaction locks without holding the run row;
+//! - cancelling or timing out a run locks the run row first and then its unfinished tasks with
+//!   `SKIP LOCKED`; a task skipped that way is mid-transition in another transaction, which finds
+//!   the run finished once it gets the run row and cancels the task itself.
+//!
+//! Every state change of a run's task appends to `run_events` (sequence allocated under the run
+//! lock) and notifies `tmws_run`; newly queued worker tasks notify `tmws_queue`.
+
+use std::collections::{HashMap, HashSet};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sqlx::{PgConnection, Postgres, QueryBuilder, Row, postgres::PgRow, types::Json};
+use uuid::Uuid;
+
+use super::PgStore;
+use crate::{
+    error::{Error, Result},
+    workflow::{
+        Condition, Definition, EventPayload, LeasedTask, NewTask, Priority, RetryPolicy, Run, RunEvent, RunStatus,
+        StepKind, Task, TaskAttempt, TaskStatus, Workflow, condition_met, leaf_steps, run_outcome,
+    },
+};
+
+pub const NOTIFY_QUEUE: &str = "tmws_queue";
+pub const NOTIFY_RUN: &str = "tmws_run";
+/// The worker id the engine leases server-side steps with.
+pub const ENGINE_WORKER: &str = "tmws-engine";
+
+/// Filters of ListRuns.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RunFilter {
+    pub workflow_id: Option<Uuid>,
+    pub statuses: Vec<RunStatus>,
+    pub create_time_after: Option<DateTime<Utc>>,
+    pub create_time_before: Option<DateTime<Utc>>,
+}
+
+/// Filters of ListTasks.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TaskFilter {
+    pub queue: Option<String>,
+    pub statuses: Vec<TaskStatus>,
+    pub run_id: Option<Uuid>,
+    pub min_priority: Option<Priority>,
+}
+
+/// Keyset position: create time (µs) and id, newest first.
+pub type PageKey = (i64, Uuid);
+
+/// Why a worker's call on a task was refused.
+fn stale(id: Uuid) -> Error {
+    Error::FailedPrecondition(format!(
+        "task {id}: the lease token is not current (expired, superseded or wrong); the task may have been handed to another worker"
+    ))
+}
+
+fn aborted(id: Uuid) -> Error {
+    Error::Aborted(format!("task {id} was cancelled; stop working on it"))
+}
+
+const TASK_COLUMNS: &str = "t.id, t.namespace, t.run_id, t.step_id, t.kind, t.title, t.description, t.queue, t.priority, \
+    t.depends_on, t.condition, t.config, t.status, t.attempt, t.max_attempts, t.initial_backoff_ms, t.max_backoff_ms, \
+    t.backoff_multiplier, t.attempt_timeout_ms, t.input, t.output, t.error, t.progress, t.worker_id, t.lease_token, \
+    t.lease_duration_ms, t.lease_expire_time, t.attempt_deadline, t.available_time, t.due_time, t.created_by, \
+    t.create_time, t.update_time";
+
+/// A task row with the engine-only columns the domain type does not carry.
+#[derive(Debug, Clone)]
+struct TaskRow {
+    task: Task,
+    condition: Condition,
+    config: Value,
+    retry: RetryPolicy,
+    lease_token: Option<Uuid>,
+    lease_duration_ms: Option<i64>,
+    attempt_deadline: Option<DateTime<Utc>>,
+    created_by: String,
+}
+
+fn enum_err(what: &str, v: i16) -> Error {
+    Error::internal(format!("stored {what} {v} is unknown"))
+}
+
+fn task_from_row(row: &PgRow) -> Result<TaskRow> {
+    let kind: i16 = row.try_get("kind")?;
+    let status: i16 = row.try_get("status")?;
+    let priority: i16 = row.try_get("priority")?;
+    let condition: i16 = row.try_get("condition")?;
+    let input: Json<Value> = row.try_get("input")?;
+    let output: Option<Json<Value>> = row.try_get("output")?;
+    let progress: Option<Json<Value>> = row.try_get("progress")?;
+    let config: Json<Value> = row.try_get("config")?;
+    Ok(TaskRow {
+        task: Task {
+            id: row.try_get("id")?,
+            namespace: row.try_get("namespace")?,
+            run_id: row.try_get("run_id")?,
+            step_id: row.try_get("step_id")?,
+            kind: StepKind::from_i16(kind).ok_or_else(|| enum_err("kind", kind))?,
+            title: row.try_get("title")?,
+            description: row.try_get("description")?,
+            queue: row.try_get("queue")?,
+            priority: Priority::from_i16(priority).ok_or_else(|| enum_err("priority", priority))?,
+            depends_on: row.try_get("depends_on")?,
+            status: TaskStatus::from_i16(status).ok_or_else(|| enum_err("status", status))?,
+            attempt: row.try_get("attempt")?,
+            max_attempts: row.try_get("max_attempts")?,
+            input: input.0,
+            output: output.map(|o| o.0),
+            error: row.try_get("error")?,
+            worker_id: row.try_get("worker_id")?,
+            lease_expire_time: row.try_get("lease_expire_time")?,
+            due_time: row.try_get("due_time")?,
+            create_time: row.try_get("create_time")?,
+            update_time: row.try_get("update_time")?,
+            attempts: Vec::new(),
+            progress: progress.map(|p| p.0),
+        },
+        condition: Condition::from_i16(condition).ok_or_else(|| enum_err("condition", condition))?,
+        config: config.0,
+        retry: RetryPolicy {
+            max_attempts: row.try_get("max_attempts")?,
+            initial_backoff_ms: row.try_get("initial_backoff_ms")?,
+            max_backoff_ms: row.try_get("max_backoff_ms")?,
+            multiplier: row.try_get("backoff_multiplier")?,
+        },
+        lease_token: row.try_get("lease_token")?,
+        lease_duration_ms: row.try_get("lease_duration_ms")?,
+        attempt_deadline: row.try_get("attempt_deadline")?,
+        created_by: row.try_get("created_by")?,
+    })
+}
+
+fn workflow_from_row(row: &PgRow) -> Result<Workflow> {
+    let definition: Json<Definition> = row.try_get("definition")?;
+    let labels: Json<HashMap<String, String>> = row.try_get("labels")?;
+    Ok(Workflow {
+        id: row.try_get("id")?,
+        namespace: row.try_get("namespace")?,
+        name: row.try_get("name")?,
+        version: row.try_get("version")?,
+        description: row.try_get("description")?,
+        definition: definition.0,
+        labels: labels.0,
+        create_time: row.try_get("create_time")?,
+    })
+}
+
+fn run_from_row(row: &PgRow) -> Result<Run> {
+    let status: i16 = row.try_get("status")?;
+    let input: Json<Value> = row.try_get("input")?;
+    let output: Option<Json<Value>> = row.try_get("output")?;
+    Ok(Run {
+        id: row.try_get("id")?,
+        namespace: row.try_get("namespace")?,
+        workflow_id: row.try_get("workflow_id")?,
+        workflow_name: row.try_get("workflow_name")?,
+        workflow_version: row.try_get("workflow_version")?,
+        input: input.0,
+        status: RunStatus::from_i16(status).ok_or_else(|| enum_err("run status", status))?,
+        tasks: Vec::new(),
+        output: output.map(|o| o.0),
+        error: row.try_get("error")?,
+        create_time: row.try_get("create_time")?,
+        start_time: row.try_get("start_time")?,
+        end_time: row.try_get("end_time")?,
+        deadline: row.try_get("deadline")?,
+        request_id: row.try_get("request_id")?,
+        last_sequence: row.try_get("last_sequence")?,
+    })
+}
+
+async fn load_attempts(conn: &mut PgConnection, tasks: &mut [Task]) -> Result<()> {
+    if tasks.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
+    let rows = sqlx::query(
+        "SELECT task_id, attempt, worker_id, start_time, end_time, status, error FROM task_attempts \
+         WHERE task_id = ANY($1) ORDER BY task_id, attempt",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut by_task: HashMap<Uuid, Vec<TaskAttempt>> = HashMap::new();
+    for row in rows {
+        let status: i16 = row.try_get("status")?;
+        by_task.entry(row.try_get("task_id")?).or_default().push(TaskAttempt {
+            attempt: row.try_get("attempt")?,
+            worker_id: row.try_get("worker_id")?,
+            start_time: row.try_get("start_time")?,
+            end_time: row.try_get("end_time")?,
+            status: TaskStatus::from_i16(status).ok_or_else(|| enum_err("attempt status", status))?,
+            error: row.try_get("error")?,
+        });
+    }
+    for t in tasks.iter_mut() {
+        t.attempts = by_task.remove(&t.id).unwrap_or_default();
+    }
+    Ok(())
+}
+
+async fn lock_task(conn: &mut PgConnection, ns: &str, id: Uuid) -> Result<Option<TaskRow>> {
+    let row =
+        sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks t WHERE t.id = $1 AND t.namespace = $2 FOR UPDATE"))
+            .bind(id)
+            .bind(ns)
+            .fetch_optional(&mut *conn)
+            .await?;
+    row.as_ref().map(task_from_row).transpose()
+}
+
+async fn lock_run(conn: &mut PgConnection, id: Uuid) -> Result<Run> {
+    let row = sqlx::query("SELECT * FROM runs WHERE id = $1 FOR UPDATE").bind(id).fetch_one(&mut *conn).await?;
+    run_from_row(&row)
+}
+
+async fn fetch_task(conn: &mut PgConnection, id: Uuid) -> Result<Task> {
+    let row = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks t WHERE t.id = $1"))
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await?;
+    let mut task = vec![task_from_row(&row)?.task];
+    load_attempts(conn, &mut task).await?;
+    task.pop().ok_or_else(|| Error::internal("task vanished"))
+}
+
+/// Appends an event to a run's log (the caller holds the run row) and notifies watchers.
+async fn append_event(conn: &mut PgConnection, run_id: Uuid, payload: &EventPayload) -> Result<()> {
+    let seq: i64 =
+        sqlx::query_scalar("UPDATE runs SET last_sequence = last_sequence + 1 WHERE id = $1 RETURNING last_sequence")
+            .bind(run_id)
+            .fetch_one(&mut *conn)
+            .await?;
+    sqlx::query("INSERT INTO run_events (run_id, sequence, payload) VALUES ($1, $2, $3)")
+        .bind(run_id)
+        .bind(seq)
+        .bind(Json(payload))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("SELECT pg_notify($1, $2)").bind(NOTIFY_RUN).bind(run_id.to_string()).execute(&mut *conn).await?;
+    Ok(())
+}
+
+async fn task_event(conn: &mut PgConnection, task_id: Uuid) -> Result<()> {
+    let task = fetch_task(conn, task_id).await?;
+    if let Some(run_id) = task.run_id {
+        let mut snapshot = task;
+        snapshot.attempts.clear();
+        append_event(conn, run_id, &EventPayload::Task(Box::new(snapshot))).await?;
+    }
+    Ok(())
+}
+
+async fn notify_queue(conn: &mut PgConnection, ns: &str, queue: &str) -> Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(NOTIFY_QUEUE)
+        .bind(format!("{ns}/{queue}"))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+fn delay_ms(config: &Value) -> i64 {
+    config.get("duration_ms").and_then(Value::as_i64).unwrap_or(0).max(0)
+}
+
+/// Makes a ready task claimable: QUEUED, available now (or after its DELAY).
+async fn queue_task(conn: &mut PgConnection, row: &TaskRow, input: &Value) -> Result<()> {
+    let wait_ms = if row.task.kind == StepKind::Delay { delay_ms(&row.config) } else { 0 };
+    sqlx::query(
+        "UPDATE tasks SET status = 2, input = $2, available_time = clock_timestamp() + make_interval(secs => $3::float8 / 1000), \
+         update_time = clock_timestamp() WHERE id = $1",
+    )
+    .bind(row.task.id)
+    .bind(Json(input))
+    .bind(wait_ms as f64)
+    .execute(&mut *conn)
+    .await?;
+    if row.task.kind == StepKind::Task {
+        notify_queue(conn, &row.task.namespace, &row.task.queue).await?;
+    }
+    task_event(conn, row.task.id).await
+}
+
+/// After a task of `run_id` became terminal (the caller holds the run row): unblocks or skips
+/// the children whose parents are all terminal, repeatedly, then ends the run when every task is
+/// terminal.
+async fn advance_run(conn: &mut PgConnection, run: &Run) -> Result<()> {
+    loop {
+        let rows = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks t WHERE t.run_id = $1 ORDER BY t.id"))
+            .bind(run.id)
+            .fetch_all(&mut *conn)
+            .await?;
+        let tasks: Vec<TaskRow> = rows.iter().map(task_from_row).collect::<Result<_>>()?;
+        let by_id: HashMap<Uuid, &TaskRow> = tasks.iter().map(|t| (t.task.id, t)).collect();
+        let mut changed = false;
+        for t in tasks.iter().filter(|t| t.task.status == TaskStatus::Blocked) {
+            let parents: Vec<&TaskRow> = t.task.depends_on.iter().filter_map(|p| by_id.get(p).copied()).collect();
+            let statuses: Vec<TaskStatus> = parents.iter().map(|p| p.task.status).collect();
+            match condition_met(t.condition, &statuses) {
+                None => {}
+                Some(true) => {
+                    let mut outputs = serde_json::Map::new();
+                    for p in &parents {
+                        let key = p.task.step_id.clone().unwrap_or_else(|| p.task.id.to_string());
+                        outputs.insert(key, p.task.output.clone().unwrap_or(Value::Null));
+                    }
+                    let input = json!({ "input": run.input, "parents": outputs });
+                    queue_task(conn, t, &input).await?;
+                    changed = true;
+                }
+                Some(false) => {
+                    sqlx::query(
+                        "UPDATE tasks SET status = 7, error = 'condition not met', update_time = clock_timestamp() WHERE id = $1",
+                    )
+                    .bind(t.task.id)
+                    .execute(&mut *conn)
+                    .await?;
+                    task_event(conn, t.task.id).await?;
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            continue;
+        }
+        if !tasks.is_empty() && tasks.iter().all(|t| t.task.status.is_terminal()) {
+            let statuses: Vec<TaskStatus> = tasks.iter().map(|t| t.task.status).collect();
+            let outcome = run_outcome(&statuses);
+            // The run's output: the outputs of its leaf steps, keyed by step id.
+            let parents: HashSet<Uuid> = tasks.iter().flat_map(|t| t.task.depends_on.iter().copied()).collect();
+            let mut output = serde_json::Map::new();
+            for t in tasks.iter().filter(|t| !parents.contains(&t.task.id)) {
+                if let (Some(step), Some(o)) = (&t.task.step_id, &t.task.output) {
+                    output.insert(step.clone(), o.clone());
+                }
+            }
+            let error = tasks
+                .iter()
+                .filter(|t| t.task.status == TaskStatus::Failed)
+                .map(|t| format!("step {}: {}", t.task.step_id.as_deref().unwrap_or("?"), t.task.error))
+                .collect::<Vec<_>>()
+                .join("; ");
+            sqlx::query(
+                "UPDATE runs SET status = $2, output = $3, error = $4, end_time = clock_timestamp() WHERE id = $1",
+            )
+            .bind(run.id)
+            .bind(outcome.as_i16())
+            .bind(Json(Value::Object(output)))
+            .bind(error)
+            .execute(&mut *conn)
+            .await?;
+            append_event(conn, run.id, &EventPayload::RunStatus(outcome)).await?;
+        }
+        return Ok(());
+    }
+}
+
+/// Unblocks or skips standalone tasks waiting on `parent` (now terminal).
+async fn advance_dependents(conn: &mut PgConnection, parent: Uuid) -> Result<()> {
+    let mut frontier = vec![parent];
+    while let Some(p) = frontier.pop() {
+        let rows = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks t WHERE t.depends_on @> ARRAY[$1]::uuid[] AND t.run_id IS NULL AND t.status = 1 \
+             ORDER BY t.id FOR UPDATE"
+        ))
+        .bind(p)
+        .fetch_all(&mut *conn)
+        .await?;
+        for row in &rows {
+            let child = task_from_row(row)?;
+            let parents = sqlx::query("SELECT id, status, output FROM tasks WHERE id = ANY($1)")
+                .bind(&child.task.depends_on)
+                .fetch_all(&mut *conn)
+                .await?;
+            let mut statuses = Vec::new();
+            let mut outputs = serde_json::Map::new();
+            for r in &parents {
+                let s: i16 = r.try_get("status")?;
+                statuses.push(TaskStatus::from_i16(s).ok_or_else(|| enum_err("status", s))?);
+                let id: Uuid = r.try_get("id")?;
+                let out: Option<Json<Value>> = r.try_get("output")?;
+                outputs.insert(id.to_string(), out.map(|o| o.0).unwrap_or(Value::Null));
+            }
+            match condition_met(child.condition, &statuses) {
+                None => {}
+                Some(true) => {
+                    let mut input = child.task.input.clone();
+                    if let Value::Object(map) = &mut input {
+                        map.insert("parents".into(), Value::Object(outputs));
+                    }
+                    queue_task(conn, &child, &input).await?;
+                }
+                Some(false) => {
+                    sqlx::query(
+                        "UPDATE tasks SET status = 7, error = 'a dependency did not succeed', update_time = clock_timestamp() WHERE id = $1",
+                    )
+                    .bind(child.task.id)
+                    .execute(&mut *conn)
+                    .await?;
+                    frontier.push(child.task.id);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Ends the current attempt of a locked task and applies the outcome (retry, fail, succeed),
+/// then advances the run or the standalone dependents. The caller holds the task row and, for
+/// a run's task, the run row.
+async fn finish_attempt(
+    conn: &mut PgConnection,
+    row: &TaskRow,
+    run: Option<&Run>,
+    outcome: Result<Value, (String, bool)>,
+) -> Result<()> {
+    let id = row.task.id;
+    match &outcome {
+        Ok(output) => {
+            sqlx::query(
+                "UPDATE task_attempts SET status = 4, end_time = clock_timestamp() WHERE task_id = $1 AND attempt = $2",
+            )
+            .bind(id)
+            .bind(row.task.attempt)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query(
+                "UPDATE tasks SET status = 4, output = $2, error = '', lease_expire_time = NULL, update_time = clock_timestamp() \
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(Json(output))
+            .execute(&mut *conn)
+            .await?;
+        }
+        Err((error, retryable)) => {
+            sqlx::query(
+                "UPDATE task_attempts SET status = 5, error = $3, end_time = clock_timestamp() WHERE task_id = $1 AND attempt = $2",
+            )
+            .bind(id)
+            .bind(row.task.attempt)
+            .bind(error)
+            .execute(&mut *conn)
+            .await?;
+            if *retryable && row.task.attempt < row.retry.max_attempts {
+                let backoff = row.retry.backoff_ms(row.task.attempt + 1);
+                sqlx::query(
+                    "UPDATE tasks SET status = 2, error = $2, lease_token = NULL, lease_expire_time = NULL, attempt_deadline = NULL, \
+                     available_time = clock_timestamp() + make_interval(secs => $3::float8 / 1000), update_time = clock_timestamp() \
+                     WHERE id = $1",
+                )
+                .bind(id)
+                .bind(error)
+                .bind(backoff as f64)
+                .execute(&mut *conn)
+                .await?;
+                if row.task.kind == StepKind::Task {
+                    notify_queue(conn, &row.task.namespace, &row.task.queue).await?;
+                }
+                task_event(conn, id).await?;
+                return Ok(());
+            }
+            sqlx::query(
+                "UPDATE tasks SET status = 5, error = $2, lease_expire_time = NULL, update_time = clock_timestamp() WHERE id = $1",
+            )
+            .bind(id)
+            .bind(error)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    task_event(conn, id).await?;
+    match run {
+        Some(run) => advance_run(conn, run).await,
+        None => advance_dependents(conn, id).await,
+    }
+}
+
+/// Cancels a locked, unfinished task whose run has ended (the caller holds both rows).
+async fn cancel_straggler(conn: &mut PgConnection, row: &TaskRow) -> Result<()> {
+    if row.task.status == TaskStatus::Leased {
+        sqlx::query(
+            "UPDATE task_attempts SET status = 6, end_time = clock_timestamp() WHERE task_id = $1 AND attempt = $2",
+        )
+        .bind(row.task.id)
+        .bind(row.task.attempt)
+        .execute(&mut *conn)
+        .await?;
+    }
+    sqlx::query("UPDATE tasks SET status = 6, update_time = clock_timestamp() WHERE id = $1")
+        .bind(row.task.id)
+        .execute(&mut *conn)
+        .await?;
+    task_event(conn, row.task.id).await
+}
+
+/// Locks the run of a task (after the task row) when it has one.
+async fn lock_run_of(conn: &mut PgConnection, row: &TaskRow) -> Result<Option<Run>> {
+    match row.task.run_id {
+        Some(run_id) => Ok(Some(lock_run(conn, run_id).await?)),
+        None => Ok(None),
+    }
+}
+
+/// Ends a run early (cancel or timeout): the run row is locked first, then its unfinished tasks
+/// are cancelled with SKIP LOCKED (see the module docs).
+async fn end_run(conn: &mut PgConnection, run: &Run, status: RunStatus, reason: &str) -> Result<()> {
+    sqlx::query("UPDATE runs SET status = $2, error = $3, end_time = clock_timestamp() WHERE id = $1")
+        .bind(run.id)
+        .bind(status.as_i16())
+        .bind(reason)
+        .execute(&mut *conn)
+        .await?;
+    let rows = sqlx::query(&format!(
+        "SELECT {TASK_COLUMNS} FROM tasks t WHERE t.run_id = $1 AND t.status IN (1, 2, 3) ORDER BY t.id FOR UPDATE SKIP LOCKED"
+    ))
+    .bind(run.id)
+    .fetch_all(&mut *conn)
+    .await?;
+    for row in &rows {
+        cancel_straggler(conn, &task_from_row(row)?).await?;
+    }
+    append_event(conn, run.id, &EventPayload::RunStatus(status)).await
+}
+
+async fn get_run_in(conn: &mut PgConnection, ns: &str, id: Uuid) -> Result<Option<Run>> {
+    let Some(row) = sqlx::query("SELECT * FROM runs WHERE id = $1 AND namespace = $2")
+        .bind(id)
+        .bind(ns)
+        .fetch_optional(&mut *conn)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let mut run = run_from_row(&row)?;
+    let rows =
+        sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks t WHERE t.run_id = $1 ORDER BY t.create_time, t.id"))
+            .bind(id)
+            .fetch_all(&mut *conn)
+            .await?;
+    let mut tasks: Vec<Task> = rows.iter().map(|r| task_from_row(r).map(|t| t.task)).collect::<Result<_>>()?;
+    load_attempts(conn, &mut tasks).await?;
+    run.tasks = tasks;
+    Ok(Some(run))
+}
+
+/// Storage of workflows, runs and tasks.
+#[async_trait]
+pub trait WorkflowStore: Send + Sync + 'static {
+    /// Stores a new version of `name` (version = latest + 1, serialised per name).
+    #[allow(clippy::too_many_arguments)]
+    async fn create_workflow(
+        &self,
+        ns: &str,
+        name: &str,
+        description: &str,
+        definition: &Definition,
+        labels: &HashMap<String, String>,
+        created_by: &str,
+        request_id: Option<&str>,
+    ) -> Result<Workflow>;
+    async fn get_workflow(&self, ns: &str, id: Uuid) -> Result<Option<Workflow>>;
+    /// `version` None = latest.
+    async fn get_workflow_by_name(&self, ns: &str, name: &str, version: Option<i32>) -> Result<Option<Workflow>>;
+    async fn list_workflows(
+        &self,
+        ns: &str,
+        name: Option<&str>,
+        latest_only: bool,
+        after: Option<PageKey>,
+        limit: usize,
+    ) -> Result<Vec<Workflow>>;
+    async fn delete_workflow(&self, ns: &str, id: Uuid) -> Result<bool>;
+
+    /// Creates the run and one task per step; roots are queued. Same request id, same run.
+    #[allow(clippy::too_many_arguments)]
+    async fn start_run(
+        &self,
+        workflow: &Workflow,
+        input: &Value,
+        default_retry: RetryPolicy,
+        timeout_ms: Option<i64>,
+        created_by: &str,
+        request_id: Option<&str>,
+    ) -> Result<Run>;
+    async fn get_run(&self, ns: &str, id: Uuid) -> Result<Option<Run>>;
+    async fn list_runs(&self, ns: &str, filter: &RunFilter, after: Option<PageKey>, limit: usize) -> Result<Vec<Run>>;
+    async fn cancel_run(&self, ns: &str, id: Uuid, reason: &str) -> Result<Run>;
+    async fn run_events(&self, run_id: Uuid, after_sequence: i64, limit: usize) -> Result<Vec<RunEvent>>;
+
+    async fn create_task(&self, task: &NewTask) -> Result<Task>;
+    async fn get_task(&self, ns: &str, id: Uuid) -> Result<Option<Task>>;
+    async fn list_tasks(
+        &self,
+        ns: &str,
+        filter: &TaskFilter,
+        after: Option<PageKey>,
+        limit: usize,
+    ) -> Result<Vec<Task>>;
+
+    async fn claim_tasks(
+        &self,
+        ns: &str,
+        queue: &str,
+        worker: &str,
+        max: usize,
+        lease_ms: i64,
+    ) -> Result<Vec<LeasedTask>>;
+    async fn heartbeat(
+        &self,
+        ns: &str,
+        id: Uuid,
+        token: Uuid,
+        lease_ms: Option<i64>,
+        progress: Option<&Value>,
+    ) -> Result<Task>;
+    async fn complete_task(&self, ns: &str, id: Uuid, token: Uuid, output: &Value) -> Result<Task>;
+    async fn fail_task(&self, ns: &str, id: Uuid, token: Uuid, error: &str, retryable: bool) -> Result<Task>;
+
+    /// Engine: fails attempts whose lease (or attempt timeout) expired; returns how many.
+    async fn expire_leases(&self, limit: usize) -> Result<usize>;
+    /// Engine: ends runs past their deadline as TIMED_OUT; returns how many.
+    async fn time_out_runs(&self, limit: usize) -> Result<usize>;
+    /// Engine: leases due server-side steps (DELAY, NOOP, MEMORY_WRITE) to the engine.
+    async fn lease_server_steps(&self, limit: usize, lease_ms: i64) -> Result<Vec<(LeasedTask, Value, String)>>;
+}
+
+#[async_trait]
+impl WorkflowStore for PgStore {
+    async fn create_workflow(
+        &self,
+        ns: &str,
+        name: &str,
+        description: &str,
+        definition: &Definition,
+        labels: &HashMap<String, String>,
+        created_by: &str,
+        request_id: Option<&str>,
+    ) -> Result<Workflow> {
+        let mut tx = self.pool().begin().await?;
+        // Concurrent creates of one name get consecutive versions, never a conflict.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7270))")
+            .bind(format!("{ns}/{name}"))
+            .execute(&mut *tx)
+            .await?;
+        if let Some(rid) = request_id {
+            let existing =
+                sqlx::query("SELECT * FROM workflows WHERE namespace = $1 AND created_by = $2 AND request_id = $3")
+                    .bind(ns)
+                    .bind(created_by)
+                    .bind(rid)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some(row) = existing {
+                return workflow_from_row(&row);
+            }
+        }
+        let version: i32 = sqlx::query_scalar(
+            "SELECT coalesce(max(version), 0) + 1 FROM workflows WHERE namespace = $1 AND name = $2",
+        )
+        .bind(ns)
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await?;
+        let row = sqlx::query(
+            "INSERT INTO workflows (id, namespace, name, version, description, definition, labels, created_by, request_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING *",
+        )
+        .bind(Uuid::now_v7())
+        .bind(ns)
+        .bind(name)
+        .bind(version)
+        .bind(description)
+        .bind(Json(definition))
+        .bind(Json(labels))
+        .bind(created_by)
+        .bind(request_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let wf = workflow_from_row(&row)?;
+        tx.commit().await?;
+        Ok(wf)
+    }
+
+    async fn get_workflow(&self, ns: &str, id: Uuid) -> Result<Option<Workflow>> {
+        let row = sqlx::query("SELECT * FROM workflows WHERE id = $1 AND namespace = $2 AND delete_time IS NULL")
+            .bind(id)
+            .bind(ns)
+            .fetch_optional(self.pool())
+            .await?;
+        row.as_ref().map(workflow_from_row).transpose()
+    }
+
+    async fn get_workflow_by_name(&self, ns: &str, name: &str, version: Option<i32>) -> Result<Option<Workflow>> {
+        let row = sqlx::query(
+            "SELECT * FROM workflows WHERE namespace = $1 AND name = $2 AND delete_time IS NULL \
+             AND ($3::int IS NULL OR version = $3) ORDER BY version DESC LIMIT 1",
+        )
+        .bind(ns)
+        .bind(name)
+        .bind(version)
+        .fetch_optional(self.pool())
+        .await?;
+        row.as_ref().map(workflow_from_row).transpose()
+    }
+
+    async fn list_workflows(
+        &self,
+        ns: &str,
+        name: Option<&str>,
+        latest_only: bool,
+        after: Option<PageKey>,
+        limit: usize,
+    ) -> Result<Vec<Workflow>> {
+        let mut qb = QueryBuilder::<Postgres>::new("SELECT * FROM workflows w WHERE w.namespace = ");
+        qb.push_bind(ns);
+        qb.push(" AND w.delete_time IS NULL");
+        if let Some(name) = name {
+            qb.push(" AND w.name = ");
+            qb.push_bind(name);
+        }
+        if latest_only {
+            qb.push(
+                " AND w.version = (SELECT max(v.version) FROM workflows v WHERE v.namespace = w.namespace \
+                 AND v.name = w.name AND v.delete_time IS NULL)",
+            );
+        }
+        if let Some((t, id)) = after {
+            qb.push(" AND (w.create_time, w.id) < (");
+            qb.push_bind(micros(t)?);
+            qb.push(", ");
+            qb.push_bind(id);
+            qb.push(")");
+        }
+        qb.push(" ORDER BY w.create_time DESC, w.id DESC LIMIT ");
+        qb.push_bind(limit as i64);
+        let rows = qb.build().fetch_all(self.pool()).await?;
+        rows.iter().map(workflow_from_row).collect()
+    }
+
+    async fn delete_workflow(&self, ns: &str, id: Uuid) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE workflows SET delete_time = clock_timestamp() WHERE id = $1 AND namespace = $2 AND delete_time IS NULL",
+        )
+        .bind(id)
+        .bind(ns)
+        .execute(self.pool())
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn start_run(
+        &self,
+        wf: &Workflow,
+        input: &Value,
+        default_retry: RetryPolicy,
+        timeout_ms: Option<i64>,
+        created_by: &str,
+        request_id: Option<&str>,
+    ) -> Result<Run> {
+        let mut tx = self.pool().begin().await?;
+        let run_id = Uuid::now_v7();
+        let inserted: Option<Uuid> = sqlx::query_scalar(
+            "INSERT INTO runs (id, namespace, workflow_id, workflow_name, workflow_version, input, status, created_by, request_id, \
+             start_time, deadline) VALUES ($1, $2, $3, $4, $5, $6, 2, $7, $8, clock_timestamp(), \
+             CASE WHEN $9::bigint IS NULL THEN NULL ELSE clock_timestamp() + make_interval(secs => $9::float8 / 1000) END) \
+             ON CONFLICT (namespace, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING id",
+        )
+        .bind(run_id)
+        .bind(&wf.namespace)
+        .bind(wf.id)
+        .bind(&wf.name)
+        .bind(wf.version)
+        .bind(Json(input))
+        .bind(created_by)
+        .bind(request_id)
+        .bind(timeout_ms)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(run_id) = inserted else {
+            // A retry: the first run with this request id.
+            let existing: Uuid = sqlx::query_scalar("SELECT id FROM runs WHERE namespace = $1 AND request_id = $2")
+                .bind(&wf.namespace)
+                .bind(request_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.rollback().await?;
+            let mut conn = self.pool().acquire().await?;
+            return get_run_in(&mut conn, &wf.namespace, existing)
+                .await?
+                .ok_or_else(|| Error::not_found("run", existing.to_string()));
+        };
+        let steps = &wf.definition.steps;
+        let ids: HashMap<&str, Uuid> = steps.iter().map(|s| (s.id.as_str(), Uuid::now_v7())).collect();
+        for s in steps {
+            let retry = s.retry_policy.or(wf.definition.retry_policy).unwrap_or(default_retry);
+            let deps: Vec<Uuid> = s.depends_on.iter().filter_map(|d| ids.get(d.as_str()).copied()).collect();
+            let status = if deps.is_empty() { TaskStatus::Queued } else { TaskStatus::Blocked };
+            let mut config = s.config.clone();
+            if s.kind == StepKind::Delay
+                && let Value::Object(map) = &mut config
+                && let Some(ms) =
+                    map.get("duration").and_then(Value::as_str).and_then(|d| crate::config::parse_duration_str(d).ok())
+            {
+                map.insert("duration_ms".into(), json!(ms.as_millis() as i64));
+            }
+            let wait_ms = if deps.is_empty() && s.kind == StepKind::Delay { delay_ms(&config) } else { 0 };
+            let task_input = if deps.is_empty() { json!({ "input": input, "parents": {} }) } else { json!({}) };
+            sqlx::query(
+                "INSERT INTO tasks (id, namespace, run_id, step_id, kind, title, queue, priority, depends_on, condition, config, \
+                 status, max_attempts, initial_backoff_ms, max_backoff_ms, backoff_multiplier, attempt_timeout_ms, input, \
+                 created_by, available_time) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+                 $18, $19, clock_timestamp() + make_interval(secs => $20::float8 / 1000))",
+            )
+            .bind(ids[s.id.as_str()])
+            .bind(&wf.namespace)
+            .bind(run_id)
+            .bind(&s.id)
+            .bind(s.kind.as_i16())
+            .bind(format!("{}/{}", wf.name, s.id))
+            .bind(&s.queue)
+            .bind(s.priority.as_i16())
+            .bind(&deps)
+            .bind(s.condition.as_i16())
+            .bind(Json(&config))
+            .bind(status.as_i16())
+            .bind(retry.max_attempts)
+            .bind(retry.initial_backoff_ms)
+            .bind(retry.max_backoff_ms)
+            .bind(retry.multiplier)
+            .bind(s.timeout_ms)
+            .bind(Json(task_input))
+            .bind(created_by)
+            .bind(wait_ms as f64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        // Event log: the run starts, then each root task is queued.
+        append_event(&mut tx, run_id, &EventPayload::RunStatus(RunStatus::Running)).await?;
+        let mut queues = HashSet::new();
+        for s in steps.iter().filter(|s| s.depends_on.is_empty()) {
+            task_event(&mut tx, ids[s.id.as_str()]).await?;
+            if s.kind == StepKind::Task {
+                queues.insert(s.queue.clone());
+            }
+        }
+        for q in queues {
+            notify_queue(&mut tx, &wf.namespace, &q).await?;
+        }
+        let run = get_run_in(&mut tx, &wf.namespace, run_id).await?.ok_or_else(|| Error::internal("run vanished"))?;
+        tx.commit().await?;
+        let _ = leaf_steps;
+        Ok(run)
+    }
+
+    async fn get_run(&self, ns: &str, id: Uuid) -> Result<Option<Run>> {
+        let mut conn = self.pool().acquire().await?;
+        get_run_in(&mut conn, ns, id).await
+    }
+
+    async fn list_runs(&self, ns: &str, f: &RunFilter, after: Option<PageKey>, limit: usize) -> Result<Vec<Run>> {
+        let mut qb = QueryBuilder::<Postgres>::new("SELECT * FROM runs r WHERE r.namespace = ");
+        qb.push_bind(ns);
+        if let Some(w) = f.workflow_id {
+            qb.push(" AND r.workflow_id = ");
+            qb.push_bind(w);
+        }
+        if !f.statuses.is_empty() {
+            qb.push(" AND r.status = ANY(");
+            qb.push_bind(f.statuses.iter().map(|s| s.as_i16()).collect::<Vec<_>>());
+            qb.push(")");
+        }
+        if let Some(t) = f.create_time_after {
+            qb.push(" AND r.create_time > ");
+            qb.push_bind(t);
+        }
+        if let Some(t) = f.create_time_before {
+            qb.push(" AND r.create_time < ");
+            qb.push_bind(t);
+        }
+        if let Some((t, id)) = after {
+            qb.push(" AND (r.create_time, r.id) < (");
+            qb.push_bind(micros(t)?);
+            qb.push(", ");
+            qb.push_bind(id);
+            qb.push(")");
+        }
+        qb.push(" ORDER BY r.create_time DESC, r.id DESC LIMIT ");
+        qb.push_bind(limit as i64);
+        let rows = qb.build().fetch_all(self.pool()).await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    async fn cancel_run(&self, ns: &str, id: Uuid, reason: &str) -> Result<Run> {
+        let mut tx = self.pool().begin().await?;
+        let row = sqlx::query("SELECT * FROM runs WHERE id = $1 AND namespace = $2 FOR UPDATE")
+            .bind(id)
+            .bind(ns)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| Error::not_found("run", id.to_string()))?;
+        let run = run_from_row(&row)?;
+        if run.status.is_terminal() {
+            return Err(Error::FailedPrecondition(format!("run {id} has already ended ({:?})", run.status)));
+        }
+        let reason = if reason.is_empty() { "cancelled" } else { reason };
+        end_run(&mut tx, &run, RunStatus::Cancelled, reason).await?;
+        let run = get_run_in(&mut tx, ns, id).await?.ok_or_else(|| Error::internal("run vanished"))?;
+        tx.commit().await?;
+        Ok(run)
+    }
+
+    async fn run_events(&self, run_id: Uuid, after_sequence: i64, limit: usize) -> Result<Vec<RunEvent>> {
+        let rows = sqlx::query(
+            "SELECT sequence, time, payload FROM run_events WHERE run_id = $1 AND sequence > $2 ORDER BY sequence LIMIT $3",
+        )
+        .bind(run_id)
+        .bind(after_sequence)
+        .bind(limit as i64)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let payload: Json<EventPayload> = r.try_get("payload")?;
+                Ok(RunEvent { sequence: r.try_get("sequence")?, time: r.try_get("time")?, payload: payload.0 })
+            })
+            .collect()
+    }
+
+    async fn create_task(&self, t: &NewTask) -> Result<Task> {
+        let mut tx = self.pool().begin().await?;
+        if let Some(rid) = &t.request_id {
+            let existing: Option<Uuid> =
+                sqlx::query_scalar("SELECT id FROM tasks WHERE namespace = $1 AND created_by = $2 AND request_id = $3")
+                    .bind(&t.namespace)
+                    .bind(&t.created_by)
+                    .bind(rid)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some(id) = existing {
+                let task = fetch_task(&mut tx, id).await?;
+                tx.commit().await?;
+                return Ok(task);
+            }
+        }
+        // Dependencies: existing standalone tasks of the namespace; locked so their state cannot
+        // change between reading it and deciding this task's.
+        let deps = if t.depends_on.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query("SELECT id, status, output FROM tasks WHERE id = ANY($1) AND namespace = $2 AND run_id IS NULL FOR SHARE")
+                .bind(&t.depends_on)
+                .bind(&t.namespace)
+                .fetch_all(&mut *tx)
+                .await?
+        };
+        if deps.len() != t.depends_on.len() {
+            let found: HashSet<Uuid> = deps.iter().filter_map(|r| r.try_get("id").ok()).collect();
+            let (i, missing) = t
+                .depends_on
+                .iter()
+                .enumerate()
+                .find(|(_, d)| !found.contains(d))
+                .ok_or_else(|| Error::invalid("task.depends_on", "duplicate dependency"))?;
+            return Err(Error::invalid(
+                format!("task.depends_on[{i}]"),
+                format!("no standalone task {missing} in this namespace"),
+            ));
+        }
+        let mut statuses = Vec::new();
+        let mut outputs = serde_json::Map::new();
+        for r in &deps {
+            let s: i16 = r.try_get("status")?;
+            statuses.push(TaskStatus::from_i16(s).ok_or_else(|| enum_err("status", s))?);
+            let id: Uuid = r.try_get("id")?;
+            let out: Option<Json<Value>> = r.try_get("output")?;
+            outputs.insert(id.to_string(), out.map(|o| o.0).unwrap_or(Value::Null));
+        }
+        let (status, error) = match condition_met(Condition::AllSucceeded, &statuses) {
+            None => (TaskStatus::Blocked, ""),
+            Some(true) => (TaskStatus::Queued, ""),
+            Some(false) => (TaskStatus::Skipped, "a dependency did not succeed"),
+        };
+        let mut input = t.input.clone();
+        if status == TaskStatus::Queued
+            && !deps.is_empty()
+            && let Value::Object(map) = &mut input
+        {
+            map.insert("parents".into(), Value::Object(outputs));
+        }
+        sqlx::query(
+            "INSERT INTO tasks (id, namespace, kind, title, description, queue, priority, depends_on, status, error, max_attempts, \
+             initial_backoff_ms, max_backoff_ms, backoff_multiplier, attempt_timeout_ms, input, due_time, created_by, request_id) \
+             VALUES ($1, $2, 1, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+        )
+        .bind(t.id)
+        .bind(&t.namespace)
+        .bind(&t.title)
+        .bind(&t.description)
+        .bind(&t.queue)
+        .bind(t.priority.as_i16())
+        .bind(&t.depends_on)
+        .bind(status.as_i16())
+        .bind(error)
+        .bind(t.retry.max_attempts)
+        .bind(t.retry.initial_backoff_ms)
+        .bind(t.retry.max_backoff_ms)
+        .bind(t.retry.multiplier)
+        .bind(t.timeout_ms)
+        .bind(Json(&input))
+        .bind(t.due_time)
+        .bind(&t.created_by)
+        .bind(&t.request_id)
+        .execute(&mut *tx)
+        .await?;
+        if status == TaskStatus::Queued {
+            notify_queue(&mut tx, &t.namespace, &t.queue).await?;
+        }
+        let task = fetch_task(&mut tx, t.id).await?;
+        tx.commit().await?;
+        Ok(task)
+    }
+
+    async fn get_task(&self, ns: &str, id: Uuid) -> Result<Option<Task>> {
+        let mut conn = self.pool().acquire().await?;
+        let exists: Option<Uuid> = sqlx::query_scalar("SELECT id FROM tasks WHERE id = $1 AND namespace = $2")
+            .bind(id)
+            .bind(ns)
+            .fetch_optional(&mut *conn)
+            .await?;
+        match exists {
+            Some(id) => Ok(Some(fetch_task(&mut conn, id).await?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn list_tasks(&self, ns: &str, f: &TaskFilter, after: Option<PageKey>, limit: usize) -> Result<Vec<Task>> {
+        let mut qb = QueryBuilder::<Postgres>::new("SELECT ");
+        qb.push(TASK_COLUMNS);
+        qb.push(" FROM tasks t WHERE t.namespace = ");
+        qb.push_bind(ns);
+        if let Some(q) = &f.queue {
+            qb.push(" AND t.queue = ");
+            qb.push_bind(q.clone());
+        }
+        if !f.statuses.is_empty() {
+            qb.push(" AND t.status = ANY(");
+            qb.push_bind(f.statuses.iter().map(|s| s.as_i16()).collect::<Vec<_>>());
+            qb.push(")");
+        }
+        if let Some(r) = f.run_id {
+            qb.push(" AND t.run_id = ");
+            qb.push_bind(r);
+        }
+        if let Some(p) = f.min_priority {
+            qb.push(" AND t.priority >= ");
+            qb.push_bind(p.as_i16());
+        }
+        if let Some((t, id)) = after {
+            qb.push(" AND (t.create_time, t.id) < (");
+            qb.push_bind(micros(t)?);
+            qb.push(", ");
+            qb.push_bind(id);
+            qb.push(")");
+        }
+        qb.push(" ORDER BY t.create_time DESC, t.id DESC LIMIT ");
+        qb.push_bind(limit as i64);
+        let rows = qb.build().fetch_all(self.pool()).await?;
+        let mut tasks: Vec<Task> = rows.iter().map(|r| task_from_row(r).map(|t| t.task)).collect::<Result<_>>()?;
+        let mut conn = self.pool().acquire().await?;
+        load_attempts(&mut conn, &mut tasks).await?;
+        Ok(tasks)
+    }
+
+    async fn claim_tasks(
+        &self,
+        ns: &str,
+        queue: &str,
+        worker: &str,
+        max: usize,
+        lease_ms: i64,
+    ) -> Result<Vec<LeasedTask>> {
+        let mut tx = self.pool().begin().await?;
+        let rows = sqlx::query(&format!(
+            "WITH picked AS (SELECT id FROM tasks WHERE namespace = $1 AND queue = $2 AND status = 2 AND kind = 1 \
+               AND available_time <= clock_timestamp() ORDER BY priority DESC, available_time, id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+             UPDATE tasks t SET status = 3, attempt = t.attempt + 1, worker_id = $4, lease_token = gen_random_uuid(), \
+               lease_duration_ms = $5, lease_expire_time = clock_timestamp() + make_interval(secs => $5::float8 / 1000), \
+               attempt_deadline = CASE WHEN t.attempt_timeout_ms IS NULL THEN NULL \
+                 ELSE clock_timestamp() + make_interval(secs => t.attempt_timeout_ms::float8 / 1000) END, \
+               update_time = clock_timestamp() \
+             FROM picked WHERE t.id = picked.id RETURNING {TASK_COLUMNS}"
+        ))
+        .bind(ns)
+        .bind(queue)
+        .bind(max as i64)
+        .bind(worker)
+        .bind(lease_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut claimed: Vec<TaskRow> = rows.iter().map(task_from_row).collect::<Result<_>>()?;
+        // Run tasks: take their runs in a fixed order; a run that ended meanwhile gets its task
+        // cancelled instead of leased.
+        claimed.sort_by_key(|t| (t.task.run_id, t.task.id));
+        let mut out = Vec::with_capacity(claimed.len());
+        let mut locked_runs: HashMap<Uuid, Run> = HashMap::new();
+        for row in claimed {
+            if let Some(run_id) = row.task.run_id {
+                if let std::collections::hash_map::Entry::Vacant(slot) = locked_runs.entry(run_id) {
+                    slot.insert(lock_run(&mut tx, run_id).await?);
+                }
+                if locked_runs.get(&run_id).is_some_and(|r| r.status.is_terminal()) {
+                    cancel_straggler(&mut tx, &row).await?;
+                    continue;
+                }
+            }
+            sqlx::query(
+                "INSERT INTO task_attempts (task_id, attempt, worker_id, status) VALUES ($1, $2, $3, 3) \
+                 ON CONFLICT (task_id, attempt) DO UPDATE SET worker_id = EXCLUDED.worker_id, start_time = clock_timestamp()",
+            )
+            .bind(row.task.id)
+            .bind(row.task.attempt)
+            .bind(worker)
+            .execute(&mut *tx)
+            .await?;
+            task_event(&mut tx, row.task.id).await?;
+            let token = row.lease_token.ok_or_else(|| Error::internal("claimed task has no lease token"))?;
+            out.push((row.task.id, token));
+        }
+        let mut leased = Vec::with_capacity(out.len());
+        for (id, token) in out {
+            leased.push(LeasedTask { task: fetch_task(&mut tx, id).await?, lease_token: token });
+        }
+        tx.commit().await?;
+        Ok(leased)
+    }
+
+    async fn heartbeat(
+        &self,
+        ns: &str,
+        id: Uuid,
+        token: Uuid,
+        lease_ms: Option<i64>,
+        progress: Option<&Value>,
+    ) -> Result<Task> {
+        let mut tx = self.pool().begin().await?;
+        let row = lock_task(&mut tx, ns, id).await?.ok_or_else(|| Error::not_found("task", id.to_string()))?;
+        if row.task.status == TaskStatus::Cancelled && row.lease_token == Some(token) {
+            return Err(aborted(id));
+        }
+        if row.task.status != TaskStatus::Leased || row.lease_token != Some(token) || lease_expired(&row) {
+            return Err(stale(id));
+        }
+        if let Some(run) = lock_run_of(&mut tx, &row).await?
+            && run.status.is_terminal()
+        {
+            cancel_straggler(&mut tx, &row).await?;
+            tx.commit().await?;
+            return Err(aborted(id));
+        }
+        let lease_ms = lease_ms.or(row.lease_duration_ms).unwrap_or(30_000);
+        sqlx::query(
+            "UPDATE tasks SET lease_expire_time = LEAST(clock_timestamp() + make_interval(secs => $2::float8 / 1000), \
+             coalesce(attempt_deadline, 'infinity'::timestamptz)), progress = coalesce($3, progress), \
+             update_time = clock_timestamp() WHERE id = $1",
+        )
+        .bind(id)
+        .bind(lease_ms as f64)
+        .bind(progress.map(Json))
+        .execute(&mut *tx)
+        .await?;
+        let task = fetch_task(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(task)
+    }
+
+    async fn complete_task(&self, ns: &str, id: Uuid, token: Uuid, output: &Value) -> Result<Task> {
+        worker_outcome(self, ns, id, token, Ok(output.clone())).await
+    }
+
+    async fn fail_task(&self, ns: &str, id: Uuid, token: Uuid, error: &str, retryable: bool) -> Result<Task> {
+        worker_outcome(self, ns, id, token, Err((error.to_string(), retryable))).await
+    }
+
+    async fn expire_leases(&self, limit: usize) -> Result<usize> {
+        let mut tx = self.pool().begin().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks t WHERE t.status = 3 AND (t.lease_expire_time < clock_timestamp() \
+             OR t.attempt_deadline < clock_timestamp()) ORDER BY t.lease_expire_time LIMIT $1 FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut rows: Vec<TaskRow> = rows.iter().map(task_from_row).collect::<Result<_>>()?;
+        rows.sort_by_key(|t| (t.task.run_id, t.task.id));
+        let n = rows.len();
+        for row in rows {
+            let run = lock_run_of(&mut tx, &row).await?;
+            if run.as_ref().is_some_and(|r| r.status.is_terminal()) {
+                cancel_straggler(&mut tx, &row).await?;
+                continue;
+            }
+            let why = if row.attempt_deadline.is_some_and(|d| d < Utc::now()) {
+                "attempt timed out"
+            } else {
+                "lease expired (the worker stopped heartbeating)"
+            };
+            finish_attempt(&mut tx, &row, run.as_ref(), Err((why.to_string(), true))).await?;
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn time_out_runs(&self, limit: usize) -> Result<usize> {
+        let mut tx = self.pool().begin().await?;
+        let rows = sqlx::query(
+            "SELECT * FROM runs WHERE status IN (1, 2) AND deadline < clock_timestamp() ORDER BY deadline LIMIT $1 \
+             FOR UPDATE SKIP LOCKED",
+        )
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        let n = rows.len();
+        for row in &rows {
+            let run = run_from_row(row)?;
+            end_run(&mut tx, &run, RunStatus::TimedOut, "the run exceeded its timeout").await?;
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn lease_server_steps(&self, limit: usize, lease_ms: i64) -> Result<Vec<(LeasedTask, Value, String)>> {
+        let mut tx = self.pool().begin().await?;
+        let rows = sqlx::query(&format!(
+            "WITH picked AS (SELECT id FROM tasks WHERE status = 2 AND kind <> 1 AND available_time <= clock_timestamp() \
+               ORDER BY available_time, id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             UPDATE tasks t SET status = 3, attempt = t.attempt + 1, worker_id = $2, lease_token = gen_random_uuid(), \
+               lease_duration_ms = $3, lease_expire_time = clock_timestamp() + make_interval(secs => $3::float8 / 1000), \
+               update_time = clock_timestamp() FROM picked WHERE t.id = picked.id RETURNING {TASK_COLUMNS}"
+        ))
+        .bind(limit as i64)
+        .bind(ENGINE_WORKER)
+        .bind(lease_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut rows: Vec<TaskRow> = rows.iter().map(task_from_row).collect::<Result<_>>()?;
+        rows.sort_by_key(|t| (t.task.run_id, t.task.id));
+        let mut out = Vec::new();
+        for row in rows {
+            if let Some(run) = lock_run_of(&mut tx, &row).await?
+                && run.status.is_terminal()
+            {
+                cancel_straggler(&mut tx, &row).await?;
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO task_attempts (task_id, attempt, worker_id, status) VALUES ($1, $2, $3, 3) \
+                 ON CONFLICT (task_id, attempt) DO NOTHING",
+            )
+            .bind(row.task.id)
+            .bind(row.task.attempt)
+            .bind(ENGINE_WORKER)
+            .execute(&mut *tx)
+            .await?;
+            task_event(&mut tx, row.task.id).await?;
+            let token = row.lease_token.ok_or_else(|| Error::internal("leased step has no token"))?;
+            let task = fetch_task(&mut tx, row.task.id).await?;
+            out.push((LeasedTask { task, lease_token: token }, row.config.clone(), row.created_by.clone()));
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+}
+
+fn lease_expired(row: &TaskRow) -> bool {
+    let now = Utc::now();
+    row.task.lease_expire_time.is_some_and(|t| t < now) || row.attempt_deadline.is_some_and(|t| t < now)
+}
+
+/// CompleteTask / FailTask: the lease token must be current; a duplicate complete with the same
+/// token is answered with the recorded result (exactly-once recording).
+async fn worker_outcome(
+    store: &PgStore,
+    ns: &str,
+    id: Uuid,
+    token: Uuid,
+    outcome: Result<Value, (String, bool)>,
+) -> Result<Task> {
+    let mut tx = store.pool().begin().await?;
+    let row = lock_task(&mut tx, ns, id).await?.ok_or_else(|| Error::not_found("task", id.to_string()))?;
+    let same_token = row.lease_token == Some(token);
+    match row.task.status {
+        TaskStatus::Cancelled if same_token => return Err(aborted(id)),
+        TaskStatus::Succeeded if same_token && outcome.is_ok() => {
+            let task = fetch_task(&mut tx, id).await?;
+            tx.commit().await?;
+            return Ok(task);
+        }
+        TaskStatus::Failed if same_token && outcome.is_err() => {
+            let task = fetch_task(&mut tx, id).await?;
+            tx.commit().await?;
+            return Ok(task);
+        }
+        TaskStatus::Leased if same_token && !lease_expired(&row) => {}
+        _ => return Err(stale(id)),
+    }
+    let run = lock_run_of(&mut tx, &row).await?;
+    if run.as_ref().is_some_and(|r| r.status.is_terminal()) {
+        cancel_straggler(&mut tx, &row).await?;
+        tx.commit().await?;
+        return Err(aborted(id));
+    }
+    finish_attempt(&mut tx, &row, run.as_ref(), outcome).await?;
+    let task = fetch_task(&mut tx, id).await?;
+    tx.commit().await?;
+    Ok(task)
+}
+
+fn micros(t: i64) -> Result<DateTime<Utc>> {
+    DateTime::<Utc>::from_timestamp_micros(t).ok_or_else(|| Error::invalid("page_token", "malformed page token"))
+}

@@ -1,0 +1,373 @@
+//! The workflow domain: definitions (DAGs of steps), runs, tasks and their rules — validation
+//! with cycle reporting, retry backoff, step conditions, run outcomes. No tonic, no SQL.
+
+pub mod engine;
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub use engine::WorkflowService;
+
+use crate::error::FieldViolation;
+
+macro_rules! small_enum {
+    ($name:ident { $($variant:ident = $value:literal),* $(,)? }) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[repr(i16)]
+        pub enum $name { $($variant = $value),* }
+        impl $name {
+            pub fn from_i16(v: i16) -> Option<Self> {
+                match v { $($value => Some(Self::$variant),)* _ => None }
+            }
+            pub fn as_i16(self) -> i16 { self as i16 }
+        }
+    };
+}
+
+small_enum!(StepKind { Task = 1, Delay = 2, MemoryWrite = 3, Noop = 4 });
+small_enum!(Condition { AllSucceeded = 1, AnyFailed = 2, Always = 3 });
+small_enum!(Priority { Low = 1, Normal = 2, High = 3, Critical = 4 });
+small_enum!(RunStatus { Pending = 1, Running = 2, Succeeded = 3, Failed = 4, Cancelled = 5, TimedOut = 6 });
+small_enum!(TaskStatus { Blocked = 1, Queued = 2, Leased = 3, Succeeded = 4, Failed = 5, Cancelled = 6, Skipped = 7 });
+
+impl RunStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled | Self::TimedOut)
+    }
+}
+
+impl TaskStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled | Self::Skipped)
+    }
+}
+
+/// Retry policy with durations in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    pub max_attempts: i32,
+    pub initial_backoff_ms: i64,
+    pub max_backoff_ms: i64,
+    pub multiplier: f64,
+}
+
+impl RetryPolicy {
+    /// The wait before attempt `next_attempt` (2, 3, ...): initial * multiplier^(n-2), capped.
+    pub fn backoff_ms(&self, next_attempt: i32) -> i64 {
+        let exp = (next_attempt - 2).max(0);
+        let raw = self.initial_backoff_ms as f64 * self.multiplier.powi(exp);
+        if !raw.is_finite() { self.max_backoff_ms } else { (raw as i64).clamp(0, self.max_backoff_ms) }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    pub id: String,
+    pub kind: StepKind,
+    pub depends_on: Vec<String>,
+    pub queue: String,
+    pub config: serde_json::Value,
+    pub retry_policy: Option<RetryPolicy>,
+    pub timeout_ms: Option<i64>,
+    pub condition: Condition,
+    pub priority: Priority,
+}
+
+/// What a workflow definition stores (the `definition` column).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Definition {
+    pub steps: Vec<Step>,
+    pub retry_policy: Option<RetryPolicy>,
+    pub timeout_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workflow {
+    pub id: Uuid,
+    pub namespace: String,
+    pub name: String,
+    pub version: i32,
+    pub description: String,
+    pub definition: Definition,
+    pub labels: HashMap<String, String>,
+    pub create_time: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskAttempt {
+    pub attempt: i32,
+    pub worker_id: String,
+    pub start_time: DateTime<Utc>,
+    pub end_time: Option<DateTime<Utc>>,
+    pub status: TaskStatus,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: Uuid,
+    pub namespace: String,
+    pub run_id: Option<Uuid>,
+    pub step_id: Option<String>,
+    pub kind: StepKind,
+    pub title: String,
+    pub description: String,
+    pub queue: String,
+    pub priority: Priority,
+    pub depends_on: Vec<Uuid>,
+    pub status: TaskStatus,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub input: serde_json::Value,
+    pub output: Option<serde_json::Value>,
+    pub error: String,
+    pub worker_id: String,
+    pub lease_expire_time: Option<DateTime<Utc>>,
+    pub due_time: Option<DateTime<Utc>>,
+    pub create_time: DateTime<Utc>,
+    pub update_time: DateTime<Utc>,
+    pub attempts: Vec<TaskAttempt>,
+    pub progress: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    pub id: Uuid,
+    pub namespace: String,
+    pub workflow_id: Uuid,
+    pub workflow_name: String,
+    pub workflow_version: i32,
+    pub input: serde_json::Value,
+    pub status: RunStatus,
+    pub tasks: Vec<Task>,
+    pub output: Option<serde_json::Value>,
+    pub error: String,
+    pub create_time: DateTime<Utc>,
+    pub start_time: Option<DateTime<Utc>>,
+    pub end_time: Option<DateTime<Utc>>,
+    pub deadline: Option<DateTime<Utc>>,
+    pub request_id: Option<String>,
+    pub last_sequence: i64,
+}
+
+/// One entry of a run's event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventPayload {
+    RunStatus(RunStatus),
+    Task(Box<Task>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunEvent {
+    pub sequence: i64,
+    pub time: DateTime<Utc>,
+    pub payload: EventPayload,
+}
+
+/// A task handed to a worker.
+#[derive(Debug, Clone)]
+pub struct LeasedTask {
+    pub task: Task,
+    pub lease_token: Uuid,
+}
+
+/// A new standalone task.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub id: Uuid,
+    pub namespace: String,
+    pub title: String,
+    pub description: String,
+    pub queue: String,
+    pub priority: Priority,
+    pub depends_on: Vec<Uuid>,
+    pub retry: RetryPolicy,
+    pub timeout_ms: Option<i64>,
+    pub input: serde_json::Value,
+    pub due_time: Option<DateTime<Utc>>,
+    pub created_by: String,
+    pub request_id: Option<String>,
+}
+
+/// Whether a step whose parents are all terminal runs (`Some(true)`), is skipped
+/// (`Some(false)`), or must still wait (`None`).
+pub fn condition_met(condition: Condition, parents: &[TaskStatus]) -> Option<bool> {
+    if parents.iter().any(|s| !s.is_terminal()) {
+        return None;
+    }
+    Some(match condition {
+        Condition::AllSucceeded => parents.iter().all(|s| *s == TaskStatus::Succeeded),
+        Condition::AnyFailed => parents.contains(&TaskStatus::Failed),
+        Condition::Always => true,
+    })
+}
+
+/// The outcome of a run whose tasks are all terminal: FAILED when any task failed (even if a
+/// compensation step ran), SUCCEEDED otherwise.
+pub fn run_outcome(statuses: &[TaskStatus]) -> RunStatus {
+    if statuses.contains(&TaskStatus::Failed) { RunStatus::Failed } else { RunStatus::Succeeded }
+}
+
+/// Names allowed for step ids, queues and workflow names.
+pub fn is_valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c))
+}
+
+/// Validates the DAG of a definition: unique ids, known dependencies, no cycles (each cycle is
+/// reported as a path). Field paths are relative to `workflow.steps`.
+pub fn validate_dag(steps: &[Step]) -> Vec<FieldViolation> {
+    let mut v = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for (i, s) in steps.iter().enumerate() {
+        if index.insert(s.id.as_str(), i).is_some() {
+            v.push(FieldViolation::new(format!("workflow.steps[{i}].id"), format!("duplicate step id {:?}", s.id)));
+        }
+    }
+    for (i, s) in steps.iter().enumerate() {
+        let mut seen = HashSet::new();
+        for (j, d) in s.depends_on.iter().enumerate() {
+            let field = format!("workflow.steps[{i}].depends_on[{j}]");
+            if d == &s.id {
+                v.push(FieldViolation::new(field, "a step cannot depend on itself"));
+            } else if !index.contains_key(d.as_str()) {
+                v.push(FieldViolation::new(field, format!("unknown step {d:?}")));
+            } else if !seen.insert(d) {
+                v.push(FieldViolation::new(field, format!("duplicate dependency {d:?}")));
+            }
+        }
+    }
+    if !v.is_empty() {
+        return v;
+    }
+    if let Some(cycle) = find_cycle(steps, &index) {
+        v.push(FieldViolation::new("workflow.steps", format!("dependency cycle: {}", cycle.join(" -> "))));
+    }
+    v
+}
+
+/// Depth-first search for a cycle; returns it as a closed path of step ids.
+fn find_cycle(steps: &[Step], index: &HashMap<&str, usize>) -> Option<Vec<String>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        Active,
+        Done,
+    }
+    let mut marks = vec![Mark::New; steps.len()];
+    let mut path: Vec<usize> = Vec::new();
+    fn visit(
+        n: usize,
+        steps: &[Step],
+        index: &HashMap<&str, usize>,
+        marks: &mut [Mark],
+        path: &mut Vec<usize>,
+    ) -> Option<Vec<String>> {
+        marks[n] = Mark::Active;
+        path.push(n);
+        for d in &steps[n].depends_on {
+            let Some(&m) = index.get(d.as_str()) else { continue };
+            match marks[m] {
+                Mark::Active => {
+                    let start = path.iter().position(|&p| p == m).unwrap_or(0);
+                    let mut cycle: Vec<String> = path[start..].iter().map(|&p| steps[p].id.clone()).collect();
+                    cycle.push(steps[m].id.clone());
+                    return Some(cycle);
+                }
+                Mark::New => {
+                    if let Some(c) = visit(m, steps, index, marks, path) {
+                        return Some(c);
+                    }
+                }
+                Mark::Done => {}
+            }
+        }
+        path.pop();
+        marks[n] = Mark::Done;
+        None
+    }
+    for n in 0..steps.len() {
+        if marks[n] == Mark::New
+            && let Some(c) = visit(n, steps, index, &mut marks, &mut path)
+        {
+            return Some(c);
+        }
+    }
+    None
+}
+
+/// Ids of the steps no other step depends on (their outputs form the run's output).
+pub fn leaf_steps(steps: &[Step]) -> Vec<String> {
+    let parents: HashSet<&str> = steps.iter().flat_map(|s| s.depends_on.iter().map(String::as_str)).collect();
+    steps.iter().filter(|s| !parents.contains(s.id.as_str())).map(|s| s.id.clone()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(id: &str, deps: &[&str]) -> Step {
+        Step {
+            id: id.into(),
+            kind: StepKind::Noop,
+            depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            queue: String::new(),
+            config: serde_json::json!({}),
+            retry_policy: None,
+            timeout_ms: None,
+            condition: Condition::AllSucceeded,
+            priority: Priority::Normal,
+        }
+    }
+
+    #[test]
+    fn diamond_is_valid() {
+        let steps = vec![step("a", &[]), step("b", &["a"]), step("c", &["a"]), step("d", &["b", "c"])];
+        assert!(validate_dag(&steps).is_empty());
+        assert_eq!(leaf_steps(&steps), vec!["d"]);
+    }
+
+    #[test]
+    fn cycles_are_reported_as_paths() {
+        let steps = vec![step("a", &["c"]), step("b", &["a"]), step("c", &["b"]), step("d", &[])];
+        let v = validate_dag(&steps);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].field, "workflow.steps");
+        assert!(v[0].description.contains("a -> c -> b -> a"), "{}", v[0].description);
+    }
+
+    #[test]
+    fn unknown_duplicate_and_self_dependencies() {
+        let steps = vec![step("a", &["a"]), step("a", &[]), step("b", &["zz", "a", "a"])];
+        let fields: Vec<String> = validate_dag(&steps).into_iter().map(|v| v.field).collect();
+        assert!(fields.contains(&"workflow.steps[1].id".to_string()));
+        assert!(fields.contains(&"workflow.steps[0].depends_on[0]".to_string()));
+        assert!(fields.contains(&"workflow.steps[2].depends_on[0]".to_string()));
+        assert!(fields.contains(&"workflow.steps[2].depends_on[2]".to_string()));
+    }
+
+    #[test]
+    fn conditions() {
+        use TaskStatus::*;
+        assert_eq!(condition_met(Condition::AllSucceeded, &[Succeeded, Succeeded]), Some(true));
+        assert_eq!(condition_met(Condition::AllSucceeded, &[Succeeded, Skipped]), Some(false));
+        assert_eq!(condition_met(Condition::AnyFailed, &[Succeeded, Failed]), Some(true));
+        assert_eq!(condition_met(Condition::AnyFailed, &[Succeeded]), Some(false));
+        assert_eq!(condition_met(Condition::Always, &[Failed, Cancelled]), Some(true));
+        assert_eq!(condition_met(Condition::Always, &[Leased]), None);
+        assert_eq!(run_outcome(&[Succeeded, Skipped]), RunStatus::Succeeded);
+        assert_eq!(run_outcome(&[Failed, Succeeded]), RunStatus::Failed);
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let p = RetryPolicy { max_attempts: 5, initial_backoff_ms: 100, max_backoff_ms: 1000, multiplier: 3.0 };
+        assert_eq!(p.backoff_ms(2), 100);
+        assert_eq!(p.backoff_ms(3), 300);
+        assert_eq!(p.backoff_ms(4), 900);
+        assert_eq!(p.backoff_ms(5), 1000);
+    }
+}

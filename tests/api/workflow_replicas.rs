@@ -1,0 +1,184 @@
+//! Durability and scale-out: restarts, a killed process, two replicas on one database.
+
+use std::{
+    collections::HashMap,
+    process::Stdio,
+    sync::{Arc, Mutex, atomic::AtomicBool},
+    time::Duration,
+};
+
+use tokio_stream::StreamExt;
+
+use crate::{
+    common::{fresh_database, spawn_app_with, test_config, test_env},
+    workflow::{FAST, claim, complete, spawn_worker, start, step, task, wait_for_end, workflow},
+};
+use tmws::{
+    api::convert::json_to_struct,
+    pb::{self, workflow_service_client::WorkflowServiceClient},
+};
+
+#[tokio::test]
+async fn delay_steps_fire_after_their_duration_and_survive_a_restart() {
+    let env = test_env();
+    let db = fresh_database(&env).await;
+    let app = spawn_app_with(test_config(&db, Some(&env.redis_url), &FAST)).await;
+    let mut c = app.workflow();
+    let mut wait = step("wait", pb::StepKind::Delay, &[]);
+    wait.config = Some(json_to_struct(serde_json::json!({"duration": "1500ms"})));
+    c.create_workflow(workflow("timer", vec![wait, step("after", pb::StepKind::Noop, &["wait"])]))
+        .await
+        .expect("create");
+    let run = start(&mut c, "timer", serde_json::json!({})).await;
+    app.stop().await.expect("stop");
+
+    // A new process on the same database finishes it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let app = spawn_app_with(test_config(&db, Some(&env.redis_url), &FAST)).await;
+    let mut c = app.workflow();
+    let ended = wait_for_end(&mut c, &run.id, Duration::from_secs(10)).await;
+    assert_eq!(ended.status, pb::RunStatus::Succeeded as i32, "{ended:?}");
+    let started = run.start_time.expect("start").seconds as f64 + f64::from(run.start_time.expect("start").nanos) / 1e9;
+    let end = ended.end_time.expect("end");
+    let end = end.seconds as f64 + f64::from(end.nanos) / 1e9;
+    assert!(end - started >= 1.5, "the timer fired early: {:.3}s", end - started);
+    app.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn two_replicas_share_the_queue_without_double_delivery() {
+    let env = test_env();
+    let db = fresh_database(&env).await;
+    let one = spawn_app_with(test_config(&db, Some(&env.redis_url), &FAST)).await;
+    let two = spawn_app_with(test_config(&db, Some(&env.redis_url), &FAST)).await;
+
+    // WatchRun on replica two sees what happens through replica one.
+    let mut c1 = one.workflow();
+    let mut c2 = two.workflow();
+    let mut steps = vec![];
+    for i in 0..40 {
+        steps.push(task(&format!("t{i}"), &[]));
+    }
+    c1.create_workflow(workflow("wide", steps)).await.expect("create");
+    let run = start(&mut c1, "wide", serde_json::json!({})).await;
+    let mut watch = c2
+        .watch_run(pb::WatchRunRequest { id: run.id.clone(), ..Default::default() })
+        .await
+        .expect("watch")
+        .into_inner();
+
+    let done = Arc::new(Mutex::new(HashMap::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for i in 0..4 {
+        workers.push(spawn_worker(one.workflow(), "work", format!("one-{i}"), done.clone(), stop.clone()));
+        workers.push(spawn_worker(two.workflow(), "work", format!("two-{i}"), done.clone(), stop.clone()));
+    }
+    let mut task_events = 0;
+    let mut ended = false;
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(30), watch.next()).await.expect("events keep coming") {
+        match e.expect("ok").event {
+            Some(pb::run_event::Event::Task(_)) => task_events += 1,
+            Some(pb::run_event::Event::RunStatus(s)) => ended = s == pb::RunStatus::Succeeded as i32,
+            _ => {}
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for w in workers {
+        w.await.expect("worker");
+    }
+    assert!(ended, "replica two saw the run end");
+    assert_eq!(task_events, 80, "leased + succeeded for each of 40 tasks");
+    let done = done.lock().expect("lock").clone();
+    assert_eq!(done.len(), 40);
+    assert!(done.values().all(|n| *n == 1), "double delivery: {done:?}");
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db).await.expect("db");
+    let succeeded: i64 = sqlx::query_scalar("SELECT count(*) FROM task_attempts WHERE status = 4")
+        .fetch_one(&mut conn)
+        .await
+        .expect("count");
+    assert_eq!(succeeded, 40);
+    let by_worker: Vec<String> = sqlx::query_scalar("SELECT DISTINCT split_part(worker_id, '-', 1) FROM tasks")
+        .fetch_all(&mut conn)
+        .await
+        .expect("workers");
+    assert_eq!(by_worker.len(), 2, "both replicas handed out work: {by_worker:?}");
+    one.stop().await.expect("stop");
+    two.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_killed_server_loses_nothing_and_completes_nothing_twice() {
+    let env = test_env();
+    let db = fresh_database(&env).await;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr").port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tmws"))
+        .arg("serve")
+        .env("TMWS_GRPC_ADDR", &addr)
+        .env("TMWS_DATABASE_URL", &db)
+        .env("TMWS_ENGINE_TICK", "50ms")
+        .env("TMWS_LOG_FORMAT", "json")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn tmws");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("endpoint").connect_lazy();
+    let mut c = WorkflowServiceClient::new(channel);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while c.list_workflows(pb::ListWorkflowsRequest::default()).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "tmws did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let steps = (0..10).map(|i| task(&format!("t{i}"), &[])).collect();
+    c.create_workflow(workflow("crash", steps)).await.expect("create");
+    let run = start(&mut c, "crash", serde_json::json!({})).await;
+    let held = claim(&mut c, "work", "w", 3, 1000).await;
+    assert_eq!(held.len(), 3);
+    complete(&mut c, &held[0], serde_json::json!({"n": 0})).await.expect("complete");
+
+    // SIGKILL: no drain, no goodbye.
+    let pid = child.id().expect("pid").to_string();
+    assert!(tokio::process::Command::new("kill").args(["-KILL", &pid]).status().await.expect("kill").success());
+    let _ = child.wait().await;
+
+    let app = spawn_app_with(test_config(&db, Some(&env.redis_url), &FAST)).await;
+    let mut c = app.workflow();
+    // Leases are rows in the database: the worker finishes its held tasks through the new server.
+    for l in &held[1..] {
+        complete(&mut c, l, serde_json::json!({"n": 1})).await.expect("complete after restart");
+    }
+    // A duplicate of an already recorded completion changes nothing.
+    complete(&mut c, &held[0], serde_json::json!({"n": 99})).await.expect("idempotent");
+    loop {
+        let more = claim(&mut c, "work", "w", 10, 500).await;
+        if more.is_empty() {
+            break;
+        }
+        for l in &more {
+            complete(&mut c, l, serde_json::json!({"n": 2})).await.expect("complete");
+        }
+    }
+    let ended = wait_for_end(&mut c, &run.id, Duration::from_secs(10)).await;
+    assert_eq!(ended.status, pb::RunStatus::Succeeded as i32);
+    assert_eq!(ended.steps.len(), 10);
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db).await.expect("db");
+    let per_task: Vec<i64> =
+        sqlx::query_scalar("SELECT count(*) FILTER (WHERE a.status = 4) FROM tasks t LEFT JOIN task_attempts a ON a.task_id = t.id GROUP BY t.id")
+            .fetch_all(&mut conn)
+            .await
+            .expect("counts");
+    assert_eq!(per_task, vec![1; 10], "every task recorded exactly one success");
+    let first: serde_json::Value = sqlx::query_scalar("SELECT output FROM tasks WHERE id = $1")
+        .bind(uuid::Uuid::parse_str(&held[0].task.as_ref().map(|t| t.id.clone()).unwrap_or_default()).expect("uuid"))
+        .fetch_one(&mut conn)
+        .await
+        .expect("output");
+    assert_eq!(first["n"].as_f64(), Some(0.0), "the first recorded output stands: {first}");
+    app.stop().await.expect("stop");
+}
