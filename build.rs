@@ -2,7 +2,7 @@
 //! and writes the file descriptor set that server reflection serves.
 use std::{env, path::PathBuf};
 
-const PROTOS: &[&str] = &["proto/tmws/v1/memory.proto", "proto/tmws/v1/workflow.proto"];
+const PROTOS: &[&str] = &["proto/tmws/v1/memory.proto", "proto/tmws/v1/workflow.proto", "proto/tmws/v1/agent.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;

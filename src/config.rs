@@ -203,6 +203,107 @@ pub const SETTINGS: &[Setting] = &[
         default: "256",
         help: "Events buffered per WatchRun stream before the stream waits for its client",
     },
+    Setting {
+        name: "TMWS_METRICS_ADDR",
+        default: "(unset: off)",
+        help: "Address of the Prometheus endpoint (GET /metrics), e.g. 0.0.0.0:9464",
+    },
+    Setting {
+        name: "TMWS_METRICS_SAMPLE_INTERVAL",
+        default: "30s",
+        help: "How often sampled gauges (memories per namespace, queue depths) are refreshed",
+    },
+    Setting {
+        name: "TMWS_BOOTSTRAP_ADMIN_KEY",
+        default: "(unset)",
+        help: "A full API key (tmws_<key id>_<secret>, secret >= 32 random characters): at start, create or update an active admin holding it",
+    },
+    Setting { name: "TMWS_BOOTSTRAP_ADMIN_ID", default: "admin", help: "Agent id of the bootstrap admin" },
+    Setting { name: "TMWS_BOOTSTRAP_ADMIN_NAMESPACE", default: "default", help: "Namespace of the bootstrap admin" },
+    Setting {
+        name: "TMWS_JWT_HS256",
+        default: "false",
+        help: "Also accept HS256 JWTs signed with TMWS_SECRET_KEY whose sub is an active agent",
+    },
+    Setting {
+        name: "TMWS_JWT_PUBLIC_KEY_FILE",
+        default: "(unset)",
+        help: "Also accept RS256/ES256 JWTs verified with this PEM public key or JWKS file (keys chosen by kid)",
+    },
+    Setting { name: "TMWS_JWT_ISSUER", default: "(unset)", help: "Required JWT iss, when set" },
+    Setting { name: "TMWS_JWT_AUDIENCE", default: "(unset)", help: "Required JWT aud, when set" },
+    Setting { name: "TMWS_JWT_LEEWAY", default: "30s", help: "Clock skew allowed for JWT exp and nbf (at most 10m)" },
+    Setting {
+        name: "TMWS_TLS_CERT",
+        default: "(unset)",
+        help: "PEM certificate chain: serve gRPC over TLS (with TMWS_TLS_KEY)",
+    },
+    Setting { name: "TMWS_TLS_KEY", default: "(unset)", help: "PEM private key of TMWS_TLS_CERT" },
+    Setting {
+        name: "TMWS_TLS_CLIENT_CA",
+        default: "(unset)",
+        help: "PEM CA bundle: require client certificates signed by it (mTLS)",
+    },
+    Setting {
+        name: "TMWS_TLS_TERMINATED_UPSTREAM",
+        default: "false",
+        help: "A mesh or proxy terminates TLS in front of this server (lets production run without TMWS_TLS_CERT)",
+    },
+    Setting {
+        name: "TMWS_RATE_LIMIT_ENABLED",
+        default: "true when auth is enabled, else false",
+        help: "Limit calls per agent and method class (read, write, search, claim)",
+    },
+    Setting {
+        name: "TMWS_RATE_LIMIT_FAIL_OPEN",
+        default: "true",
+        help: "When Redis is configured but unreachable: true allows calls (and logs), false answers UNAVAILABLE",
+    },
+    Setting {
+        name: "TMWS_RATE_LIMIT_READ_PER_SEC",
+        default: "100",
+        help: "Get/List/Watch calls per second per agent (0: unlimited)",
+    },
+    Setting { name: "TMWS_RATE_LIMIT_READ_BURST", default: "200", help: "Read calls allowed at once" },
+    Setting {
+        name: "TMWS_RATE_LIMIT_WRITE_PER_SEC",
+        default: "50",
+        help: "Mutating calls per second per agent (0: unlimited)",
+    },
+    Setting { name: "TMWS_RATE_LIMIT_WRITE_BURST", default: "100", help: "Mutating calls allowed at once" },
+    Setting {
+        name: "TMWS_RATE_LIMIT_SEARCH_PER_SEC",
+        default: "20",
+        help: "Search calls per second per agent (0: unlimited)",
+    },
+    Setting { name: "TMWS_RATE_LIMIT_SEARCH_BURST", default: "40", help: "Search calls allowed at once" },
+    Setting {
+        name: "TMWS_RATE_LIMIT_CLAIM_PER_SEC",
+        default: "100",
+        help: "Claim/Heartbeat/Complete/Fail task calls per second per agent (0: unlimited)",
+    },
+    Setting { name: "TMWS_RATE_LIMIT_CLAIM_BURST", default: "200", help: "Task calls allowed at once" },
+    Setting {
+        name: "TMWS_REDIS_PREFIX",
+        default: "tmws:",
+        help: "Prefix of every Redis key the server writes (rate-limit state)",
+    },
+    Setting {
+        name: "TMWS_REQUEST_TIMEOUT_MAX",
+        default: "60s",
+        help: "Deadline of a call (a shorter grpc-timeout wins; keep it above TMWS_MAX_CLAIM_WAIT); server-streaming calls are limited only until their first response",
+    },
+    Setting {
+        name: "TMWS_MAX_CONCURRENT_REQUESTS",
+        default: "1024",
+        help: "Calls served at once per replica; more are refused at once with UNAVAILABLE",
+    },
+    Setting {
+        name: "TMWS_AUDIT_RETENTION",
+        default: "2160h",
+        help: "Audit events older than this are deleted (0: keep forever)",
+    },
+    Setting { name: "TMWS_AUDIT_SWEEP_INTERVAL", default: "10m", help: "How often old audit events are deleted" },
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -384,6 +485,11 @@ pub struct Config {
     pub embedding: EmbeddingConfig,
     pub memory: MemoryConfig,
     pub workflow: WorkflowConfig,
+    /// Prometheus endpoint; `None` = off.
+    pub metrics_addr: Option<SocketAddr>,
+    pub metrics_sample_interval: Duration,
+    /// JWT, TLS, bootstrap admin, rate limits, request guards and audit.
+    pub security: crate::auth::config::SecurityConfig,
 }
 
 impl fmt::Debug for Config {
@@ -410,6 +516,9 @@ impl fmt::Debug for Config {
             .field("embedding", &self.embedding)
             .field("memory", &self.memory)
             .field("workflow", &self.workflow)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("metrics_sample_interval", &self.metrics_sample_interval)
+            .field("security", &self.security)
             .finish()
     }
 }
@@ -605,6 +714,17 @@ impl Config {
             engine_tick: parse_duration(&get, "TMWS_ENGINE_TICK", Duration::from_millis(250))?,
             watch_buffer: parse_range(&get, "TMWS_WATCH_BUFFER", 256, 1, 1_000_000)?,
         };
+        let metrics_addr = match get("TMWS_METRICS_ADDR") {
+            None => None,
+            Some(raw) => Some(
+                raw.parse::<SocketAddr>()
+                    .map_err(|e| err("TMWS_METRICS_ADDR", format!("invalid value {raw:?}: {e}")))?,
+            ),
+        };
+        let metrics_sample_interval = parse_duration(&get, "TMWS_METRICS_SAMPLE_INTERVAL", secs(30))?;
+        if metrics_sample_interval.is_zero() {
+            return Err(err("TMWS_METRICS_SAMPLE_INTERVAL", "must be greater than zero"));
+        }
         if workflow.default_max_attempts > workflow.max_attempts {
             return Err(err("TMWS_DEFAULT_MAX_ATTEMPTS", "must not exceed TMWS_MAX_ATTEMPTS"));
         }
@@ -614,6 +734,8 @@ impl Config {
         if workflow.default_lease_ms < 1000 || workflow.default_lease_ms > workflow.max_lease_ms {
             return Err(err("TMWS_DEFAULT_LEASE", "must be at least 1s and at most TMWS_MAX_LEASE"));
         }
+
+        let security = crate::auth::config::SecurityConfig::from_lookup(&get, auth_enabled)?;
 
         let config = Config {
             grpc_addr,
@@ -636,6 +758,9 @@ impl Config {
             embedding,
             memory,
             workflow,
+            metrics_addr,
+            metrics_sample_interval,
+            security,
         };
         config.validate()?;
         Ok(config)
@@ -657,11 +782,20 @@ impl Config {
                 }
                 Some(_) => {}
             }
-            // Authentication (API keys, JWT) is provided by the AgentService; until it is part
-            // of this build, refusing to start is the only honest answer to "auth on".
+            if self.dev.trust_headers {
+                return Err(err(
+                    "TMWS_DEV_TRUST_HEADERS",
+                    "identity headers are never trusted with TMWS_AUTH_ENABLED=true",
+                ));
+            }
+        }
+        if self.environment == Environment::Production
+            && !self.security.tls.enabled()
+            && !self.security.tls.terminated_upstream
+        {
             return Err(err(
-                "TMWS_AUTH_ENABLED",
-                "authentication is not available in this build; run with TMWS_ENVIRONMENT=development and TMWS_AUTH_ENABLED=false",
+                "TMWS_TLS_CERT",
+                "production requires TLS: set TMWS_TLS_CERT and TMWS_TLS_KEY, or TMWS_TLS_TERMINATED_UPSTREAM=true when a mesh or proxy terminates TLS",
             ));
         }
         Ok(())
@@ -687,7 +821,7 @@ fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
 }
 
-fn err(variable: &'static str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn err(variable: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError { variable, message: message.into() }
 }
 
@@ -708,7 +842,7 @@ pub fn is_valid_identifier(s: &str) -> bool {
     !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || "._:@-".contains(c))
 }
 
-fn parse_range<T, G>(get: &G, name: &'static str, default: T, min: T, max: T) -> Result<T, ConfigError>
+pub(crate) fn parse_range<T, G>(get: &G, name: &'static str, default: T, min: T, max: T) -> Result<T, ConfigError>
 where
     T: FromStr + PartialOrd + fmt::Display + Copy,
     T::Err: fmt::Display,
@@ -721,7 +855,7 @@ where
     Ok(value)
 }
 
-fn parse_bool<G>(get: &G, name: &'static str, default: bool) -> Result<bool, ConfigError>
+pub(crate) fn parse_bool<G>(get: &G, name: &'static str, default: bool) -> Result<bool, ConfigError>
 where
     G: Fn(&'static str) -> Option<String>,
 {
@@ -735,7 +869,7 @@ where
     }
 }
 
-fn parse_duration<G>(get: &G, name: &'static str, default: Duration) -> Result<Duration, ConfigError>
+pub(crate) fn parse_duration<G>(get: &G, name: &'static str, default: Duration) -> Result<Duration, ConfigError>
 where
     G: Fn(&'static str) -> Option<String>,
 {

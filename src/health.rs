@@ -14,7 +14,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::store::{PgStore, RedisStore};
 
 /// The public services whose health is reported.
-pub const PUBLIC_SERVICES: &[&str] = &["tmws.v1.MemoryService", "tmws.v1.WorkflowService"];
+pub const PUBLIC_SERVICES: &[&str] = &["tmws.v1.MemoryService", "tmws.v1.WorkflowService", "tmws.v1.AgentService"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DependencyState {

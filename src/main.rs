@@ -25,6 +25,33 @@ enum Command {
     /// Create the database if needed and apply pending migrations, then exit.
     #[command(after_help = settings_help())]
     Migrate,
+    /// Manage agents directly in the database (bootstrap: the first admin and its key).
+    #[command(subcommand)]
+    Agents(AgentsCommand),
+}
+
+#[derive(Subcommand)]
+enum AgentsCommand {
+    /// Create an agent and print its first API key (shown once; store it now).
+    Create {
+        /// Namespace of the agent.
+        #[arg(long)]
+        namespace: String,
+        /// admin, agent or readonly.
+        #[arg(long)]
+        role: String,
+        /// Agent id (1-128 of [A-Za-z0-9._:@-]); a UUIDv7 when omitted.
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long)]
+        display_name: Option<String>,
+    },
+    /// Print a new API key for an existing agent (e.g. when an admin's key is lost).
+    CreateKey {
+        /// Agent id.
+        #[arg(long)]
+        id: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +80,31 @@ fn main() -> ExitCode {
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot listen on {} (TMWS_GRPC_ADDR): {e}", config.grpc_addr))?;
                 server::serve(config, listener, shutdown).await
+            }
+            Command::Agents(cmd) => {
+                ensure_database(&config.database_url).await?;
+                let store = PgStore::connect(&config).await?;
+                if config.auto_migrate {
+                    store.migrate().await?;
+                }
+                let key = match cmd {
+                    AgentsCommand::Create { namespace, role, id, display_name } => {
+                        let (agent, key) =
+                            tmws::auth::bootstrap::create_agent(&store, id, &namespace, &role, display_name).await?;
+                        eprintln!(
+                            "created agent {} (namespace {}, role {})",
+                            agent.id,
+                            agent.namespace,
+                            agent.role.as_str()
+                        );
+                        key
+                    }
+                    AgentsCommand::CreateKey { id } => tmws::auth::bootstrap::issue_key(&store, &id).await?,
+                };
+                store.close().await;
+                // The key alone on stdout, so scripts can capture it.
+                println!("{key}");
+                Ok(())
             }
             Command::Migrate => {
                 ensure_database(&config.database_url).await?;

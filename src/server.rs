@@ -9,15 +9,19 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::{
-    api::{MemoryApi, WorkflowApi},
-    auth::PrincipalLayer,
+    api::{AgentApi, MemoryApi, WorkflowApi},
+    auth::{setup::Security, tls::server_tls},
     config::Config,
     embed::Embedder,
     health::{self, HealthWatcher},
     memory::MemoryService,
-    pb::{self, memory_service_server::MemoryServiceServer, workflow_service_server::WorkflowServiceServer},
+    pb::{
+        self, agent_service_server::AgentServiceServer, memory_service_server::MemoryServiceServer,
+        workflow_service_server::WorkflowServiceServer,
+    },
     store::notify::Notifier,
     store::{PgStore, RedisStore, postgres::ensure_database},
+    telemetry::{http::serve_metrics, layer::GrpcTelemetryLayer, metrics::metrics},
     workflow::WorkflowService,
 };
 
@@ -40,6 +44,9 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         None => None,
     };
 
+    let security = Security::start(&config, &pg, redis.clone()).await?;
+    let tls = server_tls(&config.security.tls)?;
+
     let embedder = Embedder::from_config(&config.embedding)?;
     let memory_service = MemoryService::new(Arc::new(pg.clone()), embedder, config.memory.clone()).await?;
     let (notifier, listener_task) = Notifier::start(pg.pool()).await?;
@@ -59,13 +66,14 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         reporter: reporter.clone(),
         pg: pg.clone(),
         redis: redis.clone(),
-        redis_required: config.redis_required,
+        redis_required: Security::redis_required(&config),
         interval: config.health_check_interval,
         timeout: config.health_check_timeout,
     };
     let (stop_watch, stop_rx) = watch::channel(false);
     let watcher_task = watcher.start(stop_rx.clone()).await;
     let memory_task = memory_service.spawn_background(stop_rx.clone());
+    let stop_rx_metrics = stop_rx.clone();
     let engine_task = workflow_service.spawn_engine(stop_rx);
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -86,22 +94,36 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     let workflow = WorkflowServiceServer::new(WorkflowApi::new(workflow_service))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    let agent = AgentServiceServer::new(AgentApi::new(security.identity.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
 
-    let router = tonic::transport::Server::builder()
-        .layer(PrincipalLayer::development(config.dev.clone()))
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).context("TLS configuration")?;
+    }
+    let router = builder
+        .layer(GrpcTelemetryLayer)
+        .layer(security.layers())
         .http2_adaptive_window(Some(true))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .trace_fn(|req| {
-            let path = req.uri().path();
-            let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or(("", path));
-            tracing::info_span!("grpc", rpc.system = "grpc", rpc.service = service, rpc.method = method)
-        })
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(memory)
-        .add_service(workflow);
+        .add_service(workflow)
+        .add_service(agent);
+
+    let metrics_task = match config.metrics_addr {
+        Some(addr) => {
+            let (bound, task) = serve_metrics(addr, stop_rx_metrics.clone()).await?;
+            tracing::info!(addr = %bound, "Prometheus metrics at /metrics");
+            Some(task)
+        }
+        None => None,
+    };
+    let sampler_task = spawn_metrics_sampler(pg.clone(), config.metrics_sample_interval, stop_rx_metrics);
 
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
@@ -109,7 +131,13 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         let _ = drain_rx.await;
     });
     let mut server = pin!(server);
-    tracing::info!(addr = %local_addr, environment = ?config.environment, "tmws serving");
+    tracing::info!(
+        addr = %local_addr,
+        environment = ?config.environment,
+        auth = config.auth_enabled,
+        tls = config.security.tls.enabled(),
+        "tmws serving"
+    );
 
     let result = tokio::select! {
         r = &mut server => r.map_err(anyhow::Error::from),
@@ -119,6 +147,10 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
             let _ = watcher_task.await;
             let _ = memory_task.await;
             let _ = engine_task.await;
+            let _ = sampler_task.await;
+            if let Some(t) = metrics_task {
+                let _ = t.await;
+            }
             health::set_all_not_serving(&reporter).await;
             let _ = drain_tx.send(());
             match tokio::time::timeout(config.shutdown_grace, &mut server).await {
@@ -131,9 +163,39 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         }
     };
     listener_task.abort();
+    security.stop().await;
     pg.close().await;
     tracing::info!("tmws stopped");
     result
+}
+
+/// Refreshes the sampled gauges (pool, memories per namespace, queue depths) until `stop`.
+fn spawn_metrics_sampler(
+    pg: PgStore,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let m = metrics();
+                    let (size, idle, max) = pg.pool_stats();
+                    m.set_pool(size, idle, max);
+                    match pg.sample_counts().await {
+                        Ok((memories, queues)) => {
+                            m.set_memories(memories);
+                            m.set_queue_depth(queues);
+                        }
+                        Err(e) => tracing::debug!(error = %e, "metrics sampling failed"),
+                    }
+                }
+                _ = stop.changed() => break,
+            }
+        }
+    })
 }
 
 /// A server running on a background task (tests, embedding in other programs).

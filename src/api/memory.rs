@@ -8,7 +8,7 @@ use super::convert::{
     duration_secs, enum_value, json_to_struct, parse_id, parse_optional_id, struct_to_json, timestamp, to_timestamp,
 };
 use crate::{
-    auth::principal,
+    auth::{Scope, principal, request_context},
     error::{Error, Result},
     memory::{
         AccessLevel, Grant, Memory, MemoryFilter, MemoryService, OrderBy, Permission, SearchMode,
@@ -254,10 +254,13 @@ fn etag(e: &str) -> Option<&str> {
 impl MemoryServiceRpc for MemoryApi {
     async fn create_memory(&self, request: Request<pb::CreateMemoryRequest>) -> Result<Response<pb::Memory>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::MemoryWrite)?;
+        let ctx = request_context(&request);
         let r = request.into_inner();
         let m = r.memory.ok_or_else(|| Error::invalid("memory", "required"))?;
         let d = draft("memory.", m)?;
-        let mut out = self.service.create(&p, &r.namespace, vec![("memory.".into(), d, Some(r.request_id))]).await?;
+        let mut out =
+            self.service.create_for(&ctx, &p, &r.namespace, vec![("memory.".into(), d, Some(r.request_id))]).await?;
         let m = out.pop().ok_or_else(|| Error::internal("create returned nothing"))?;
         Ok(Response::new(memory_to_pb(m)))
     }
@@ -267,6 +270,8 @@ impl MemoryServiceRpc for MemoryApi {
         request: Request<pb::BatchCreateMemoriesRequest>,
     ) -> Result<Response<pb::BatchCreateMemoriesResponse>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::MemoryWrite)?;
+        let ctx = request_context(&request);
         let r = request.into_inner();
         let mut items = Vec::with_capacity(r.requests.len());
         for (i, sub) in r.requests.into_iter().enumerate() {
@@ -290,7 +295,7 @@ impl MemoryServiceRpc for MemoryApi {
             };
             items.push((prefix, d, rid));
         }
-        let memories = self.service.create(&p, &r.namespace, items).await?;
+        let memories = self.service.create_for(&ctx, &p, &r.namespace, items).await?;
         Ok(Response::new(pb::BatchCreateMemoriesResponse {
             memories: memories.into_iter().map(memory_to_pb).collect(),
         }))
@@ -298,6 +303,7 @@ impl MemoryServiceRpc for MemoryApi {
 
     async fn get_memory(&self, request: Request<pb::GetMemoryRequest>) -> Result<Response<pb::Memory>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::MemoryRead)?;
         let r = request.into_inner();
         let id = parse_id("id", &r.id)?;
         let m = self.service.get(&p, &r.namespace, id, with_embedding(r.view)?).await?;
@@ -306,11 +312,13 @@ impl MemoryServiceRpc for MemoryApi {
 
     async fn update_memory(&self, request: Request<pb::UpdateMemoryRequest>) -> Result<Response<pb::Memory>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::MemoryWrite)?;
+        let ctx = request_context(&request);
         let r = request.into_inner();
         let m = r.memory.ok_or_else(|| Error::invalid("memory", "required"))?;
         let id = parse_id("memory.id", &m.id)?;
         let d = patch(m, r.update_mask)?;
-        let m = self.service.update(&p, &r.namespace, id, d, etag(&r.etag)).await?;
+        let m = self.service.update(&ctx, &p, &r.namespace, id, d, etag(&r.etag)).await?;
         Ok(Response::new(memory_to_pb(m)))
     }
 
@@ -319,9 +327,11 @@ impl MemoryServiceRpc for MemoryApi {
         request: Request<pb::DeleteMemoryRequest>,
     ) -> Result<Response<pb::DeleteMemoryResponse>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::MemoryWrite)?;
+        let ctx = request_context(&request);
         let r = request.into_inner();
         let id = parse_id("id", &r.id)?;
-        self.service.delete(&p, &r.namespace, id, etag(&r.etag)).await?;
+        self.service.delete(&ctx, &p, &r.namespace, id, etag(&r.etag)).await?;
         Ok(Response::new(pb::DeleteMemoryResponse {}))
     }
 
@@ -330,6 +340,7 @@ impl MemoryServiceRpc for MemoryApi {
         request: Request<pb::ListMemoriesRequest>,
     ) -> Result<Response<pb::ListMemoriesResponse>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::MemoryRead)?;
         let r = request.into_inner();
         let order = match enum_value::<pb::MemoryOrderBy>("order_by", r.order_by)? {
             pb::MemoryOrderBy::Unspecified | pb::MemoryOrderBy::CreateTimeDesc => OrderBy::CreateTimeDesc,
@@ -350,6 +361,7 @@ impl MemoryServiceRpc for MemoryApi {
         request: Request<pb::SearchMemoriesRequest>,
     ) -> Result<Response<pb::SearchMemoriesResponse>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::MemoryRead)?;
         let r = request.into_inner();
         let mode = match enum_value::<pb::SearchMode>("mode", r.mode)? {
             pb::SearchMode::Unspecified => None,
@@ -393,6 +405,8 @@ impl MemoryServiceRpc for MemoryApi {
 
     async fn share_memory(&self, request: Request<pb::ShareMemoryRequest>) -> Result<Response<pb::Memory>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::MemoryWrite)?;
+        let ctx = request_context(&request);
         let r = request.into_inner();
         let id = parse_id("id", &r.id)?;
         let mut grants = Vec::with_capacity(r.grant.len());
@@ -407,7 +421,7 @@ impl MemoryServiceRpc for MemoryApi {
             let expire_time = g.expire_time.map(|t| timestamp(&format!("grant[{i}].expire_time"), &t)).transpose()?;
             grants.push(Grant { agent_id: g.agent_id, permission, expire_time });
         }
-        let m = self.service.share(&p, &r.namespace, id, grants, r.revoke, etag(&r.etag)).await?;
+        let m = self.service.share(&ctx, &p, &r.namespace, id, grants, r.revoke, etag(&r.etag)).await?;
         Ok(Response::new(memory_to_pb(m)))
     }
 
@@ -417,6 +431,8 @@ impl MemoryServiceRpc for MemoryApi {
     ) -> Result<Response<pb::PruneMemoriesResponse>, Status> {
         let p = principal(&request)?;
         let r = request.into_inner();
+        // A dry run only counts.
+        p.require_scope(if r.dry_run { Scope::MemoryRead } else { Scope::MemoryWrite })?;
         let older_than = r.older_than.map(|t| timestamp("older_than", &t)).transpose()?.map(|t| (t, r.max_importance));
         let (pruned_count, more) =
             self.service.prune(&p, &r.namespace, r.expired, older_than, r.limit, r.dry_run).await?;
@@ -428,6 +444,7 @@ impl MemoryServiceRpc for MemoryApi {
         request: Request<pb::GetMemoryStatsRequest>,
     ) -> Result<Response<pb::MemoryStats>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::MemoryRead)?;
         let r = request.into_inner();
         let s = self.service.stats(&p, &r.namespace).await?;
         Ok(Response::new(pb::MemoryStats {

@@ -5,10 +5,12 @@ use std::pin::Pin;
 use futures_util::Stream;
 use tonic::Status;
 
+pub mod agent;
 pub mod convert;
 pub mod memory;
 pub mod workflow;
 
+pub use agent::AgentApi;
 pub use memory::MemoryApi;
 pub use workflow::WorkflowApi;
 

@@ -17,7 +17,7 @@ use super::{
     SearchHit, SearchMode, ranking,
 };
 use crate::{
-    auth::Principal,
+    auth::{Principal, RequestContext},
     config::MemoryConfig,
     embed::{EmbedError, Embedder},
     error::{Error, FieldViolation, Result},
@@ -354,9 +354,23 @@ impl MemoryService {
 
     // ---- operations --------------------------------------------------------------------------
 
-    /// Creates memories, all or nothing. `items` are (field prefix, draft, request id).
+    /// Creates memories on the server's own behalf (audited with method `internal`); calls
+    /// from clients use [`MemoryService::create_for`].
     pub async fn create(
         &self,
+        p: &Principal,
+        requested_ns: &str,
+        items: Vec<(String, MemoryDraft, Option<String>)>,
+    ) -> Result<Vec<Memory>> {
+        let ctx = RequestContext { method: "internal".into(), ..RequestContext::default() };
+        self.create_for(&ctx, p, requested_ns, items).await
+    }
+
+    /// Creates memories, all or nothing. `items` are (field prefix, draft, request id); the
+    /// audit rows carry `ctx`.
+    pub async fn create_for(
+        &self,
+        ctx: &RequestContext,
         p: &Principal,
         requested_ns: &str,
         items: Vec<(String, MemoryDraft, Option<String>)>,
@@ -392,7 +406,7 @@ impl MemoryService {
                 news[i].embedding = Some(vector);
             }
         }
-        self.store.insert_memories(p, news).await
+        self.store.insert_memories(p, news, ctx).await
     }
 
     pub async fn get(&self, p: &Principal, requested_ns: &str, id: Uuid, with_embedding: bool) -> Result<Memory> {
@@ -408,6 +422,7 @@ impl MemoryService {
 
     pub async fn update(
         &self,
+        ctx: &RequestContext,
         p: &Principal,
         requested_ns: &str,
         id: Uuid,
@@ -461,13 +476,20 @@ impl MemoryService {
                 vectors.pop().ok_or_else(|| Error::Unavailable("embedding provider returned no vector".into()))?;
             patch.embedding = Some((vector, self.embedder.model().to_string()));
         }
-        self.store.update_memory(p, &ns, id, etag.map(parse_etag), &patch).await
+        self.store.update_memory(p, &ns, id, etag.map(parse_etag), &patch, ctx).await
     }
 
-    pub async fn delete(&self, p: &Principal, requested_ns: &str, id: Uuid, etag: Option<&str>) -> Result<()> {
+    pub async fn delete(
+        &self,
+        ctx: &RequestContext,
+        p: &Principal,
+        requested_ns: &str,
+        id: Uuid,
+        etag: Option<&str>,
+    ) -> Result<()> {
         p.ensure_can_write()?;
         let ns = p.target_namespace(requested_ns)?;
-        self.store.delete_memory(p, &ns, id, etag.map(parse_etag)).await
+        self.store.delete_memory(p, &ns, id, etag.map(parse_etag), ctx).await
     }
 
     fn page_size(&self, requested: i32) -> Result<usize> {
@@ -665,8 +687,10 @@ impl MemoryService {
         Ok(n < threshold)
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub async fn share(
         &self,
+        ctx: &RequestContext,
         p: &Principal,
         requested_ns: &str,
         id: Uuid,
@@ -706,7 +730,7 @@ impl MemoryService {
             }
         }
         v.into_result()?;
-        self.store.share_memory(p, &ns, id, &grants, &revoke, etag.map(parse_etag)).await
+        self.store.share_memory(p, &ns, id, &grants, &revoke, etag.map(parse_etag), ctx).await
     }
 
     /// Deletes (or counts) expired and/or old unimportant memories of one namespace. Non-admins

@@ -11,9 +11,12 @@ use pgvector::Vector;
 use sqlx::{Postgres, QueryBuilder, Row, postgres::PgRow};
 use uuid::Uuid;
 
-use super::{MemoryStore, PgStore};
+use super::{
+    MemoryStore, PgStore,
+    identity::{AuditEvent, record_audit},
+};
 use crate::{
-    auth::Principal,
+    auth::{Principal, RequestContext},
     error::{Error, Result},
     memory::{
         AccessLevel, Cursor, Grant, Memory, MemoryFilter, MemoryPatch, MemoryStats, NewMemory, OrderBy, Permission,
@@ -327,7 +330,8 @@ impl MemoryStore for PgStore {
         result
     }
 
-    async fn insert_memories(&self, p: &Principal, items: Vec<NewMemory>) -> Result<Vec<Memory>> {
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "insert_memories"))]
+    async fn insert_memories(&self, p: &Principal, items: Vec<NewMemory>, ctx: &RequestContext) -> Result<Vec<Memory>> {
         let mut tx = self.pool().begin().await?;
         let mut ids = Vec::with_capacity(items.len());
         for item in &items {
@@ -398,15 +402,20 @@ impl MemoryStore for PgStore {
             out.push(by_id.get(id).cloned().ok_or_else(|| Error::internal("inserted memory vanished"))?);
         }
         attach_grants(&mut *tx, &mut out).await?;
+        for m in &out {
+            record_audit(&mut tx, &AuditEvent::ok(p, &m.namespace, ctx, m.id)).await?;
+        }
         tx.commit().await?;
         Ok(out)
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "get_memory"))]
     async fn get_memory(&self, p: &Principal, ns: &str, id: Uuid, with_embedding: bool) -> Result<Option<Memory>> {
         let mut conn = self.pool().acquire().await?;
         fetch_one_by_id(&mut conn, p, ns, id, with_embedding).await
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "update_memory"))]
     async fn update_memory(
         &self,
         p: &Principal,
@@ -414,6 +423,7 @@ impl MemoryStore for PgStore {
         id: Uuid,
         expected_version: Option<i64>,
         patch: &MemoryPatch,
+        ctx: &RequestContext,
     ) -> Result<Memory> {
         let mut tx = self.pool().begin().await?;
         let check =
@@ -488,11 +498,20 @@ impl MemoryStore for PgStore {
         let memory = fetch_one_by_id(&mut tx, p, ns, id, false)
             .await?
             .ok_or_else(|| Error::not_found("memory", id.to_string()))?;
+        record_audit(&mut tx, &AuditEvent::ok(p, &memory.namespace, ctx, id)).await?;
         tx.commit().await?;
         Ok(memory)
     }
 
-    async fn delete_memory(&self, p: &Principal, ns: &str, id: Uuid, expected_version: Option<i64>) -> Result<()> {
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "delete_memory"))]
+    async fn delete_memory(
+        &self,
+        p: &Principal,
+        ns: &str,
+        id: Uuid,
+        expected_version: Option<i64>,
+        ctx: &RequestContext,
+    ) -> Result<()> {
         let mut tx = self.pool().begin().await?;
         let check =
             lock_for_write(&mut tx, p, ns, id).await?.ok_or_else(|| Error::not_found("memory", id.to_string()))?;
@@ -500,11 +519,16 @@ impl MemoryStore for PgStore {
             return Err(Error::PermissionDenied("you may read this memory but not delete it".into()));
         }
         check_etag(expected_version, check.version)?;
-        sqlx::query("DELETE FROM memories WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        let deleted_ns: String = sqlx::query_scalar("DELETE FROM memories WHERE id = $1 RETURNING namespace")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        record_audit(&mut tx, &AuditEvent::ok(p, &deleted_ns, ctx, id)).await?;
         tx.commit().await?;
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "list_memories"))]
     async fn list_memories(
         &self,
         p: &Principal,
@@ -563,6 +587,7 @@ impl MemoryStore for PgStore {
         Ok(out)
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "count_matching"))]
     async fn count_matching(
         &self,
         p: &Principal,
@@ -589,6 +614,7 @@ impl MemoryStore for PgStore {
         Ok(n.max(0) as u64)
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "semantic_search"))]
     async fn semantic_search(
         &self,
         p: &Principal,
@@ -626,6 +652,7 @@ impl MemoryStore for PgStore {
         Ok(out)
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "keyword_search"))]
     async fn keyword_search(
         &self,
         p: &Principal,
@@ -673,6 +700,7 @@ impl MemoryStore for PgStore {
         Ok(out)
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "share_memory"))]
     async fn share_memory(
         &self,
         p: &Principal,
@@ -681,6 +709,7 @@ impl MemoryStore for PgStore {
         grants: &[Grant],
         revoke: &[String],
         expected_version: Option<i64>,
+        ctx: &RequestContext,
     ) -> Result<Memory> {
         let mut tx = self.pool().begin().await?;
         let check =
@@ -715,10 +744,12 @@ impl MemoryStore for PgStore {
         let memory = fetch_one_by_id(&mut tx, p, ns, id, false)
             .await?
             .ok_or_else(|| Error::not_found("memory", id.to_string()))?;
+        record_audit(&mut tx, &AuditEvent::ok(p, &memory.namespace, ctx, id)).await?;
         tx.commit().await?;
         Ok(memory)
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "prune"))]
     async fn prune(&self, c: &PruneCriteria) -> Result<(i64, bool)> {
         let push_where = |qb: &mut QueryBuilder<'_, Postgres>| {
             qb.push(" WHERE m.namespace = ");
@@ -763,6 +794,7 @@ impl MemoryStore for PgStore {
         Ok((deleted, more))
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "stats"))]
     async fn stats(&self, p: &Principal, ns: &str) -> Result<MemoryStats> {
         let mut qb = QueryBuilder::<Postgres>::new(
             "SELECT count(*) AS total, count(m.embedding) AS with_embedding, min(m.create_time) AS oldest, \

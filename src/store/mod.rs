@@ -1,5 +1,6 @@
 //! Persistence. All SQL lives under this module; callers see domain types only.
 
+pub mod identity;
 pub mod memory;
 pub mod notify;
 pub mod postgres;
@@ -15,7 +16,7 @@ pub use redis::RedisStore;
 pub use workflow::WorkflowStore;
 
 use crate::{
-    auth::Principal,
+    auth::{Principal, RequestContext},
     error::Result,
     memory::{
         Cursor, Grant, Memory, MemoryFilter, MemoryPatch, MemoryStats, NewMemory, OrderBy, PruneCriteria, ScoredMemory,
@@ -33,7 +34,8 @@ pub trait MemoryStore: Send + Sync + 'static {
     async fn ensure_vector_index(&self, dim: usize, m: u32, ef_construction: u32) -> Result<()>;
 
     /// Inserts all or nothing; items whose `request_id` was seen before return the first result.
-    async fn insert_memories(&self, p: &Principal, items: Vec<NewMemory>) -> Result<Vec<Memory>>;
+    /// Every change below appends its audit row (from `ctx`) in the same transaction.
+    async fn insert_memories(&self, p: &Principal, items: Vec<NewMemory>, ctx: &RequestContext) -> Result<Vec<Memory>>;
 
     async fn get_memory(&self, p: &Principal, ns: &str, id: Uuid, with_embedding: bool) -> Result<Option<Memory>>;
 
@@ -46,9 +48,17 @@ pub trait MemoryStore: Send + Sync + 'static {
         id: Uuid,
         expected_version: Option<i64>,
         patch: &MemoryPatch,
+        ctx: &RequestContext,
     ) -> Result<Memory>;
 
-    async fn delete_memory(&self, p: &Principal, ns: &str, id: Uuid, expected_version: Option<i64>) -> Result<()>;
+    async fn delete_memory(
+        &self,
+        p: &Principal,
+        ns: &str,
+        id: Uuid,
+        expected_version: Option<i64>,
+        ctx: &RequestContext,
+    ) -> Result<()>;
 
     #[allow(clippy::too_many_arguments)]
     async fn list_memories(
@@ -103,6 +113,7 @@ pub trait MemoryStore: Send + Sync + 'static {
         dim: usize,
     ) -> Result<Vec<ScoredMemory>>;
 
+    #[allow(clippy::too_many_arguments)]
     async fn share_memory(
         &self,
         p: &Principal,
@@ -111,6 +122,7 @@ pub trait MemoryStore: Send + Sync + 'static {
         grants: &[Grant],
         revoke: &[String],
         expected_version: Option<i64>,
+        ctx: &RequestContext,
     ) -> Result<Memory>;
 
     /// Deletes (or counts, when dry-run) up to `limit` matching memories; returns the count and

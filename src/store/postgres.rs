@@ -97,6 +97,33 @@ impl PgStore {
         Ok(())
     }
 
+    /// (connections, idle connections, maximum) of the pool.
+    pub fn pool_stats(&self) -> (u64, u64, u64) {
+        (u64::from(self.pool.size()), self.pool.num_idle() as u64, u64::from(self.pool.options().get_max_connections()))
+    }
+
+    /// Sampled gauges: stored memories per namespace and queued tasks per queue (at most 1000
+    /// label sets each, largest first).
+    #[allow(clippy::type_complexity)]
+    pub async fn sample_counts(
+        &self,
+    ) -> Result<(std::collections::BTreeMap<String, i64>, std::collections::BTreeMap<(String, String), i64>), sqlx::Error>
+    {
+        let memories: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT namespace, count(*) FROM memories WHERE expire_time IS NULL OR expire_time > now() \
+             GROUP BY namespace ORDER BY count(*) DESC LIMIT 1000",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let queues: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT namespace, queue, count(*) FROM tasks WHERE status = 2 AND kind = 1 \
+             GROUP BY namespace, queue ORDER BY count(*) DESC LIMIT 1000",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok((memories.into_iter().collect(), queues.into_iter().map(|(n, q, c)| ((n, q), c)).collect()))
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }

@@ -21,6 +21,7 @@ use sqlx::{PgConnection, Postgres, QueryBuilder, Row, postgres::PgRow, types::Js
 use uuid::Uuid;
 
 use super::PgStore;
+use crate::telemetry::metrics::metrics;
 use crate::{
     error::{Error, Result},
     workflow::{
@@ -50,6 +51,14 @@ pub struct TaskFilter {
     pub statuses: Vec<TaskStatus>,
     pub run_id: Option<Uuid>,
     pub min_priority: Option<Priority>,
+}
+
+/// A server-side step leased to the engine.
+pub struct ServerStep {
+    pub leased: LeasedTask,
+    pub config: Value,
+    pub created_by: String,
+    pub trace_parent: Option<String>,
 }
 
 /// Keyset position: create time (µs) and id, newest first.
@@ -175,6 +184,7 @@ fn run_from_row(row: &PgRow) -> Result<Run> {
         deadline: row.try_get("deadline")?,
         request_id: row.try_get("request_id")?,
         last_sequence: row.try_get("last_sequence")?,
+        trace_parent: row.try_get("trace_parent")?,
     })
 }
 
@@ -360,6 +370,7 @@ async fn advance_run(conn: &mut PgConnection, run: &Run) -> Result<()> {
             .execute(&mut *conn)
             .await?;
             append_event(conn, run.id, &EventPayload::RunStatus(outcome)).await?;
+            metrics().run_finished(&format!("{outcome:?}").to_ascii_uppercase());
         }
         return Ok(());
     }
@@ -530,7 +541,19 @@ async fn end_run(conn: &mut PgConnection, run: &Run, status: RunStatus, reason: 
     for row in &rows {
         cancel_straggler(conn, &task_from_row(row)?).await?;
     }
-    append_event(conn, run.id, &EventPayload::RunStatus(status)).await
+    append_event(conn, run.id, &EventPayload::RunStatus(status)).await?;
+    metrics().run_finished(match status {
+        RunStatus::TimedOut => "TIMED_OUT",
+        RunStatus::Cancelled => "CANCELLED",
+        other => {
+            if other == RunStatus::Failed {
+                "FAILED"
+            } else {
+                "SUCCEEDED"
+            }
+        }
+    });
+    Ok(())
 }
 
 async fn get_run_in(conn: &mut PgConnection, ns: &str, id: Uuid) -> Result<Option<Run>> {
@@ -592,6 +615,7 @@ pub trait WorkflowStore: Send + Sync + 'static {
         timeout_ms: Option<i64>,
         created_by: &str,
         request_id: Option<&str>,
+        trace_parent: Option<&str>,
     ) -> Result<Run>;
     async fn get_run(&self, ns: &str, id: Uuid) -> Result<Option<Run>>;
     async fn list_runs(&self, ns: &str, filter: &RunFilter, after: Option<PageKey>, limit: usize) -> Result<Vec<Run>>;
@@ -632,11 +656,14 @@ pub trait WorkflowStore: Send + Sync + 'static {
     /// Engine: ends runs past their deadline as TIMED_OUT; returns how many.
     async fn time_out_runs(&self, limit: usize) -> Result<usize>;
     /// Engine: leases due server-side steps (DELAY, NOOP, MEMORY_WRITE) to the engine.
-    async fn lease_server_steps(&self, limit: usize, lease_ms: i64) -> Result<Vec<(LeasedTask, Value, String)>>;
+    /// Returns each leased step with its config, the agent that started its run (or created
+    /// it), and the run's traceparent.
+    async fn lease_server_steps(&self, limit: usize, lease_ms: i64) -> Result<Vec<ServerStep>>;
 }
 
 #[async_trait]
 impl WorkflowStore for PgStore {
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "create_workflow"))]
     async fn create_workflow(
         &self,
         ns: &str,
@@ -692,6 +719,7 @@ impl WorkflowStore for PgStore {
         Ok(wf)
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "get_workflow"))]
     async fn get_workflow(&self, ns: &str, id: Uuid) -> Result<Option<Workflow>> {
         let row = sqlx::query("SELECT * FROM workflows WHERE id = $1 AND namespace = $2 AND delete_time IS NULL")
             .bind(id)
@@ -701,6 +729,7 @@ impl WorkflowStore for PgStore {
         row.as_ref().map(workflow_from_row).transpose()
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "get_workflow_by_name"))]
     async fn get_workflow_by_name(&self, ns: &str, name: &str, version: Option<i32>) -> Result<Option<Workflow>> {
         let row = sqlx::query(
             "SELECT * FROM workflows WHERE namespace = $1 AND name = $2 AND delete_time IS NULL \
@@ -714,6 +743,7 @@ impl WorkflowStore for PgStore {
         row.as_ref().map(workflow_from_row).transpose()
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "list_workflows"))]
     async fn list_workflows(
         &self,
         ns: &str,
@@ -748,6 +778,7 @@ impl WorkflowStore for PgStore {
         rows.iter().map(workflow_from_row).collect()
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "delete_workflow"))]
     async fn delete_workflow(&self, ns: &str, id: Uuid) -> Result<bool> {
         let n = sqlx::query(
             "UPDATE workflows SET delete_time = clock_timestamp() WHERE id = $1 AND namespace = $2 AND delete_time IS NULL",
@@ -760,6 +791,7 @@ impl WorkflowStore for PgStore {
         Ok(n == 1)
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "start_run"))]
     async fn start_run(
         &self,
         wf: &Workflow,
@@ -768,13 +800,14 @@ impl WorkflowStore for PgStore {
         timeout_ms: Option<i64>,
         created_by: &str,
         request_id: Option<&str>,
+        trace_parent: Option<&str>,
     ) -> Result<Run> {
         let mut tx = self.pool().begin().await?;
         let run_id = Uuid::now_v7();
         let inserted: Option<Uuid> = sqlx::query_scalar(
             "INSERT INTO runs (id, namespace, workflow_id, workflow_name, workflow_version, input, status, created_by, request_id, \
-             start_time, deadline) VALUES ($1, $2, $3, $4, $5, $6, 2, $7, $8, clock_timestamp(), \
-             CASE WHEN $9::bigint IS NULL THEN NULL ELSE clock_timestamp() + make_interval(secs => $9::float8 / 1000) END) \
+             start_time, deadline, trace_parent) VALUES ($1, $2, $3, $4, $5, $6, 2, $7, $8, clock_timestamp(), \
+             CASE WHEN $9::bigint IS NULL THEN NULL ELSE clock_timestamp() + make_interval(secs => $9::float8 / 1000) END, $10) \
              ON CONFLICT (namespace, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING id",
         )
         .bind(run_id)
@@ -786,6 +819,7 @@ impl WorkflowStore for PgStore {
         .bind(created_by)
         .bind(request_id)
         .bind(timeout_ms)
+        .bind(trace_parent)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(run_id) = inserted else {
@@ -864,11 +898,13 @@ impl WorkflowStore for PgStore {
         Ok(run)
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "get_run"))]
     async fn get_run(&self, ns: &str, id: Uuid) -> Result<Option<Run>> {
         let mut conn = self.pool().acquire().await?;
         get_run_in(&mut conn, ns, id).await
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "list_runs"))]
     async fn list_runs(&self, ns: &str, f: &RunFilter, after: Option<PageKey>, limit: usize) -> Result<Vec<Run>> {
         let mut qb = QueryBuilder::<Postgres>::new("SELECT * FROM runs r WHERE r.namespace = ");
         qb.push_bind(ns);
@@ -902,6 +938,7 @@ impl WorkflowStore for PgStore {
         rows.iter().map(run_from_row).collect()
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "cancel_run"))]
     async fn cancel_run(&self, ns: &str, id: Uuid, reason: &str) -> Result<Run> {
         let mut tx = self.pool().begin().await?;
         let row = sqlx::query("SELECT * FROM runs WHERE id = $1 AND namespace = $2 FOR UPDATE")
@@ -921,6 +958,7 @@ impl WorkflowStore for PgStore {
         Ok(run)
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "run_events"))]
     async fn run_events(&self, run_id: Uuid, after_sequence: i64, limit: usize) -> Result<Vec<RunEvent>> {
         let rows = sqlx::query(
             "SELECT sequence, time, payload FROM run_events WHERE run_id = $1 AND sequence > $2 ORDER BY sequence LIMIT $3",
@@ -938,6 +976,7 @@ impl WorkflowStore for PgStore {
             .collect()
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "create_task"))]
     async fn create_task(&self, t: &NewTask) -> Result<Task> {
         let mut tx = self.pool().begin().await?;
         if let Some(rid) = &t.request_id {
@@ -1032,6 +1071,7 @@ impl WorkflowStore for PgStore {
         Ok(task)
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "get_task"))]
     async fn get_task(&self, ns: &str, id: Uuid) -> Result<Option<Task>> {
         let mut conn = self.pool().acquire().await?;
         let exists: Option<Uuid> = sqlx::query_scalar("SELECT id FROM tasks WHERE id = $1 AND namespace = $2")
@@ -1045,6 +1085,7 @@ impl WorkflowStore for PgStore {
         }
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "list_tasks"))]
     async fn list_tasks(&self, ns: &str, f: &TaskFilter, after: Option<PageKey>, limit: usize) -> Result<Vec<Task>> {
         let mut qb = QueryBuilder::<Postgres>::new("SELECT ");
         qb.push(TASK_COLUMNS);
@@ -1083,6 +1124,7 @@ impl WorkflowStore for PgStore {
         Ok(tasks)
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "claim_tasks"))]
     async fn claim_tasks(
         &self,
         ns: &str,
@@ -1109,6 +1151,12 @@ impl WorkflowStore for PgStore {
         .bind(lease_ms)
         .fetch_all(&mut *tx)
         .await?;
+        let now = Utc::now();
+        for row in &rows {
+            if let Ok(available) = row.try_get::<DateTime<Utc>, _>("available_time") {
+                metrics().claim_waited(queue, (now - available).num_microseconds().unwrap_or(0) as f64 / 1e6);
+            }
+        }
         let mut claimed: Vec<TaskRow> = rows.iter().map(task_from_row).collect::<Result<_>>()?;
         // Run tasks: take their runs in a fixed order; a run that ended meanwhile gets its task
         // cancelled instead of leased.
@@ -1146,6 +1194,7 @@ impl WorkflowStore for PgStore {
         Ok(leased)
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "heartbeat"))]
     async fn heartbeat(
         &self,
         ns: &str,
@@ -1185,10 +1234,12 @@ impl WorkflowStore for PgStore {
         Ok(task)
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "complete_task"))]
     async fn complete_task(&self, ns: &str, id: Uuid, token: Uuid, output: &Value) -> Result<Task> {
         worker_outcome(self, ns, id, token, Ok(output.clone())).await
     }
 
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "fail_task"))]
     async fn fail_task(&self, ns: &str, id: Uuid, token: Uuid, error: &str, retryable: bool) -> Result<Task> {
         worker_outcome(self, ns, id, token, Err((error.to_string(), retryable))).await
     }
@@ -1240,7 +1291,7 @@ impl WorkflowStore for PgStore {
         Ok(n)
     }
 
-    async fn lease_server_steps(&self, limit: usize, lease_ms: i64) -> Result<Vec<(LeasedTask, Value, String)>> {
+    async fn lease_server_steps(&self, limit: usize, lease_ms: i64) -> Result<Vec<ServerStep>> {
         let mut tx = self.pool().begin().await?;
         let rows = sqlx::query(&format!(
             "WITH picked AS (SELECT id FROM tasks WHERE status = 2 AND kind <> 1 AND available_time <= clock_timestamp() \
@@ -1258,9 +1309,8 @@ impl WorkflowStore for PgStore {
         rows.sort_by_key(|t| (t.task.run_id, t.task.id));
         let mut out = Vec::new();
         for row in rows {
-            if let Some(run) = lock_run_of(&mut tx, &row).await?
-                && run.status.is_terminal()
-            {
+            let run = lock_run_of(&mut tx, &row).await?;
+            if run.as_ref().is_some_and(|r| r.status.is_terminal()) {
                 cancel_straggler(&mut tx, &row).await?;
                 continue;
             }
@@ -1276,7 +1326,12 @@ impl WorkflowStore for PgStore {
             task_event(&mut tx, row.task.id).await?;
             let token = row.lease_token.ok_or_else(|| Error::internal("leased step has no token"))?;
             let task = fetch_task(&mut tx, row.task.id).await?;
-            out.push((LeasedTask { task, lease_token: token }, row.config.clone(), row.created_by.clone()));
+            out.push(ServerStep {
+                leased: LeasedTask { task, lease_token: token },
+                config: row.config.clone(),
+                created_by: row.created_by.clone(),
+                trace_parent: run.and_then(|r| r.trace_parent),
+            });
         }
         tx.commit().await?;
         Ok(out)

@@ -7,6 +7,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, watch};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::{
@@ -382,7 +383,10 @@ impl WorkflowService {
         v.into_result()?;
         let wf = self.get_workflow(p, &ns, workflow_id, workflow_name, version).await?;
         let timeout = wf.definition.timeout_ms;
-        self.store.start_run(&wf, &input, self.default_retry(), timeout, &p.agent_id, request_id).await
+        let trace_parent = crate::telemetry::current_traceparent();
+        self.store
+            .start_run(&wf, &input, self.default_retry(), timeout, &p.agent_id, request_id, trace_parent.as_deref())
+            .await
     }
 
     pub async fn get_run(&self, p: &Principal, requested_ns: &str, id: Uuid) -> Result<Run> {
@@ -706,8 +710,18 @@ impl WorkflowService {
         let timed_out = self.store.time_out_runs(50).await?;
         let steps = self.store.lease_server_steps(50, 60_000).await?;
         let busy = expired + timed_out + steps.len() > 0;
-        for (leased, config, created_by) in steps {
-            self.run_server_step(leased, config, created_by).await;
+        for step in steps {
+            let span = tracing::debug_span!(
+                "workflow.step",
+                otel.name = format!("workflow step {}", step.leased.task.step_id.as_deref().unwrap_or("?")),
+                run_id = ?step.leased.task.run_id,
+                step_id = ?step.leased.task.step_id,
+                kind = ?step.leased.task.kind,
+            );
+            if let Some(tp) = &step.trace_parent {
+                crate::telemetry::link_to(&span, tp);
+            }
+            self.run_server_step(step.leased, step.config, step.created_by).instrument(span).await;
         }
         Ok(busy)
     }

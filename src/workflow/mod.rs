@@ -151,6 +151,8 @@ pub struct Run {
     pub deadline: Option<DateTime<Utc>>,
     pub request_id: Option<String>,
     pub last_sequence: i64,
+    /// The traceparent of the call that started the run.
+    pub trace_parent: Option<String>,
 }
 
 /// One entry of a run's event log.

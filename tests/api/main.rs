@@ -5,10 +5,14 @@ mod common;
 
 mod cli;
 mod health;
+mod identity;
+mod identity_jwt;
+mod identity_tls;
 mod memory;
 mod memory_access;
 mod memory_embed;
 mod memory_search;
+mod ratelimit;
 mod reflection;
 mod workflow;
 mod workflow_replicas;

@@ -147,11 +147,7 @@ async fn semantic_search_matches_brute_force() {
     let config = test_config(&db, None, &settings);
     let store = tmws::store::PgStore::connect(&config).await.expect("store");
     sqlx::query("ANALYZE memories").execute(store.pool()).await.expect("analyze");
-    let principal = tmws::auth::Principal {
-        agent_id: "dev-agent".into(),
-        namespace: "default".into(),
-        role: tmws::auth::Role::Agent,
-    };
+    let principal = tmws::auth::Principal::new("dev-agent", "default", tmws::auth::Role::Agent);
     let filter = tmws::memory::MemoryFilter::default();
     let plan = store
         .explain_semantic(&principal, "default", &filter, &queries[0], "client", 10, false)

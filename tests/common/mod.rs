@@ -21,7 +21,10 @@ pub mod embed_server;
 use sqlx::{Connection, Executor, PgConnection};
 use tmws::{
     config::Config,
-    pb::{memory_service_client::MemoryServiceClient, workflow_service_client::WorkflowServiceClient},
+    pb::{
+        self, agent_service_client::AgentServiceClient, memory_service_client::MemoryServiceClient,
+        workflow_service_client::WorkflowServiceClient,
+    },
     server::RunningServer,
 };
 use tokio::{net::TcpListener, sync::Mutex, task::JoinSet};
@@ -117,6 +120,8 @@ pub struct TestApp {
     pub database_url: String,
     pub channel: Channel,
     server: Option<RunningServer>,
+    /// The bootstrap admin's API key (servers from [`spawn_app_auth`]); empty otherwise.
+    pub admin_key: String,
 }
 
 impl TestApp {
@@ -128,6 +133,46 @@ impl TestApp {
     }
     pub fn health(&self) -> HealthClient<Channel> {
         HealthClient::new(self.channel.clone())
+    }
+    pub fn agents(&self) -> AgentServiceClient<Channel> {
+        AgentServiceClient::new(self.channel.clone())
+    }
+
+    /// `message` as a call by the bootstrap admin ([`spawn_app_auth`] servers).
+    pub fn admin<T>(&self, message: T) -> tonic::Request<T> {
+        with_key(message, &self.admin_key)
+    }
+
+    /// Creates an agent through the AgentService (as the bootstrap admin) and returns a new API
+    /// key for it. `role`: admin, agent or readonly.
+    pub async fn create_agent(&self, id: &str, namespace: &str, role: &str) -> String {
+        let role = match role {
+            "admin" => pb::Role::Admin,
+            "agent" => pb::Role::Agent,
+            "readonly" => pb::Role::Readonly,
+            other => panic!("unknown role {other}"),
+        };
+        let agent = pb::Agent { id: id.into(), namespace: namespace.into(), role: role as i32, ..Default::default() };
+        self.agents()
+            .create_agent(self.admin(pb::CreateAgentRequest { agent: Some(agent), request_id: String::new() }))
+            .await
+            .unwrap_or_else(|s| panic!("create agent {id}: {s:?}"));
+        self.create_key(id, &[]).await
+    }
+
+    /// A new API key for an existing agent (as the bootstrap admin), with `scopes` (empty: all
+    /// its role allows).
+    pub async fn create_key(&self, agent_id: &str, scopes: &[&str]) -> String {
+        self.agents()
+            .create_api_key(self.admin(pb::CreateApiKeyRequest {
+                agent_id: agent_id.into(),
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_or_else(|s| panic!("create key for {agent_id}: {s:?}"))
+            .into_inner()
+            .key
     }
 
     /// The status `Health/Check` reports for `service`.
@@ -186,6 +231,47 @@ pub fn as_agent<T>(message: T, agent: &str, namespace: &str, role: &str) -> toni
     req
 }
 
+/// The server secret of authenticated test servers (random-looking, not a placeholder).
+pub const TEST_SECRET_KEY: &str = "t3st-7c0f3d9a2b41e8f6a5d2c9b0e1f4a7d3-5e8b";
+
+/// A fresh random API key string `tmws_<key id>_<secret>`.
+pub fn random_api_key() -> String {
+    tmws::auth::keys::generate().expect("random key").full
+}
+
+/// Settings of an authenticated test server: auth on, `admin_key` as TMWS_BOOTSTRAP_ADMIN_KEY
+/// (agent `admin` in namespace `default`), and a Redis key prefix of its own so parallel tests
+/// never share rate-limit state; `overrides` replace or add variables.
+pub fn auth_config(database_url: &str, redis_url: Option<&str>, admin_key: &str, overrides: &[(&str, &str)]) -> Config {
+    let prefix = format!("tmws-test:{}:", uuid::Uuid::now_v7().simple());
+    let mut vars: Vec<(&str, &str)> = vec![
+        ("TMWS_AUTH_ENABLED", "true"),
+        ("TMWS_SECRET_KEY", TEST_SECRET_KEY),
+        ("TMWS_BOOTSTRAP_ADMIN_KEY", admin_key),
+        ("TMWS_REDIS_PREFIX", &prefix),
+    ];
+    vars.extend_from_slice(overrides);
+    test_config(database_url, redis_url, &vars)
+}
+
+/// A server with authentication on, on a fresh database with Redis; [`TestApp::admin_key`] is
+/// the key of its bootstrap admin (`admin`, namespace `default`).
+pub async fn spawn_app_auth(overrides: &[(&str, &str)]) -> TestApp {
+    let env = test_env();
+    let db = fresh_database(&env).await;
+    let key = random_api_key();
+    let mut app = spawn_app_with(auth_config(&db, Some(&env.redis_url), &key, overrides)).await;
+    app.admin_key = key;
+    app
+}
+
+/// `message` with `authorization: Bearer <key>` metadata (an API key or a JWT).
+pub fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.metadata_mut().insert("authorization", format!("Bearer {key}").parse().expect("ascii credential"));
+    req
+}
+
 /// A server started from `config`; waits until it answers health checks.
 pub async fn spawn_app_with(config: Config) -> TestApp {
     let database_url = config.database_url.clone();
@@ -195,7 +281,7 @@ pub async fn spawn_app_with(config: Config) -> TestApp {
         .expect("endpoint")
         .connect_timeout(Duration::from_secs(5))
         .connect_lazy();
-    let app = TestApp { addr, database_url, channel, server: Some(server) };
+    let app = TestApp { addr, database_url, channel, server: Some(server), admin_key: String::new() };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         if app.health_status("").await.is_ok() {
