@@ -12,7 +12,7 @@ use super::{
     },
 };
 use crate::{
-    auth::principal,
+    auth::{Scope, principal, request_context},
     error::{Error, Result},
     pb::{self, workflow_service_server::WorkflowService as WorkflowServiceRpc},
     store::workflow::{RunFilter, TaskFilter},
@@ -312,15 +312,20 @@ impl WorkflowServiceRpc for WorkflowApi {
         request: Request<pb::CreateWorkflowRequest>,
     ) -> Result<Response<pb::Workflow>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::WorkflowWrite)?;
+        let ctx = request_context(&request);
         let r = request.into_inner();
         let w = r.workflow.ok_or_else(|| Error::invalid("workflow", "required"))?;
-        let wf =
-            self.service.create_workflow(&p, &r.namespace, workflow_draft(w)?, opt_request_id(&r.request_id)).await?;
+        let wf = self
+            .service
+            .create_workflow(&p, &ctx, &r.namespace, workflow_draft(w)?, opt_request_id(&r.request_id))
+            .await?;
         Ok(Response::new(workflow_to_pb(wf)))
     }
 
     async fn get_workflow(&self, request: Request<pb::GetWorkflowRequest>) -> Result<Response<pb::Workflow>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::WorkflowRead)?;
         let r = request.into_inner();
         let id = parse_optional_id("id", &r.id)?;
         let wf = self.service.get_workflow(&p, &r.namespace, id, &r.name, r.version).await?;
@@ -332,6 +337,7 @@ impl WorkflowServiceRpc for WorkflowApi {
         request: Request<pb::ListWorkflowsRequest>,
     ) -> Result<Response<pb::ListWorkflowsResponse>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::WorkflowRead)?;
         let r = request.into_inner();
         let (workflows, next_page_token) =
             self.service.list_workflows(&p, &r.namespace, &r.name, r.latest_only, r.page_size, &r.page_token).await?;
@@ -346,6 +352,8 @@ impl WorkflowServiceRpc for WorkflowApi {
         request: Request<pb::DeleteWorkflowRequest>,
     ) -> Result<Response<pb::DeleteWorkflowResponse>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::WorkflowWrite)?;
+        let ctx = request_context(&request);
         let r = request.into_inner();
         let id = parse_id("id", &r.id)?;
         if !r.etag.is_empty() {
@@ -354,12 +362,14 @@ impl WorkflowServiceRpc for WorkflowApi {
                 return Err(Error::Aborted("etag mismatch".into()).into());
             }
         }
-        self.service.delete_workflow(&p, &r.namespace, id).await?;
+        self.service.delete_workflow(&p, &ctx, &r.namespace, id).await?;
         Ok(Response::new(pb::DeleteWorkflowResponse {}))
     }
 
     async fn start_run(&self, request: Request<pb::StartRunRequest>) -> Result<Response<pb::Run>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::WorkflowWrite)?;
+        let ctx = request_context(&request);
         let r = request.into_inner();
         let workflow_id = parse_optional_id("workflow_id", &r.workflow_id)?;
         let input = r.input.map(struct_to_json).unwrap_or_else(|| serde_json::json!({}));
@@ -367,6 +377,7 @@ impl WorkflowServiceRpc for WorkflowApi {
             .service
             .start_run(
                 &p,
+                &ctx,
                 &r.namespace,
                 workflow_id,
                 &r.workflow_name,
@@ -380,6 +391,7 @@ impl WorkflowServiceRpc for WorkflowApi {
 
     async fn get_run(&self, request: Request<pb::GetRunRequest>) -> Result<Response<pb::Run>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::WorkflowRead)?;
         let r = request.into_inner();
         let run = self.service.get_run(&p, &r.namespace, parse_id("id", &r.id)?).await?;
         Ok(Response::new(run_to_pb(run)))
@@ -387,6 +399,7 @@ impl WorkflowServiceRpc for WorkflowApi {
 
     async fn list_runs(&self, request: Request<pb::ListRunsRequest>) -> Result<Response<pb::ListRunsResponse>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::WorkflowRead)?;
         let r = request.into_inner();
         let statuses = r
             .statuses
@@ -407,8 +420,10 @@ impl WorkflowServiceRpc for WorkflowApi {
 
     async fn cancel_run(&self, request: Request<pb::CancelRunRequest>) -> Result<Response<pb::Run>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::WorkflowWrite)?;
+        let ctx = request_context(&request);
         let r = request.into_inner();
-        let run = self.service.cancel_run(&p, &r.namespace, parse_id("id", &r.id)?, &r.reason).await?;
+        let run = self.service.cancel_run(&p, &ctx, &r.namespace, parse_id("id", &r.id)?, &r.reason).await?;
         Ok(Response::new(run_to_pb(run)))
     }
 
@@ -416,6 +431,7 @@ impl WorkflowServiceRpc for WorkflowApi {
 
     async fn watch_run(&self, request: Request<pb::WatchRunRequest>) -> Result<Response<Self::WatchRunStream>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::WorkflowRead)?;
         let r = request.into_inner();
         let rx = self.service.watch_run(&p, &r.namespace, parse_id("id", &r.id)?, r.after_sequence).await?;
         let stream = ReceiverStream::new(rx).map(|item| match item {
@@ -439,6 +455,8 @@ impl WorkflowServiceRpc for WorkflowApi {
 
     async fn create_task(&self, request: Request<pb::CreateTaskRequest>) -> Result<Response<pb::Task>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::WorkflowWrite)?;
+        let ctx = request_context(&request);
         let r = request.into_inner();
         let t = r.task.ok_or_else(|| Error::invalid("task", "required"))?;
         let depends_on = t
@@ -457,12 +475,13 @@ impl WorkflowServiceRpc for WorkflowApi {
             due_time: t.due_time.map(|d| timestamp("task.due_time", &d)).transpose()?,
             retry_policy: retry("retry_policy", r.retry_policy)?,
         };
-        let task = self.service.create_task(&p, &r.namespace, draft, opt_request_id(&r.request_id)).await?;
+        let task = self.service.create_task(&p, &ctx, &r.namespace, draft, opt_request_id(&r.request_id)).await?;
         Ok(Response::new(task_to_pb(task)))
     }
 
     async fn get_task(&self, request: Request<pb::GetTaskRequest>) -> Result<Response<pb::Task>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::WorkflowRead)?;
         let r = request.into_inner();
         let task = self.service.get_task(&p, &r.namespace, parse_id("id", &r.id)?).await?;
         Ok(Response::new(task_to_pb(task)))
@@ -473,6 +492,7 @@ impl WorkflowServiceRpc for WorkflowApi {
         request: Request<pb::ListTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::WorkflowRead)?;
         let r = request.into_inner();
         let statuses = r
             .statuses
@@ -497,11 +517,13 @@ impl WorkflowServiceRpc for WorkflowApi {
         request: Request<pb::ClaimTasksRequest>,
     ) -> Result<Response<pb::ClaimTasksResponse>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::Worker)?;
+        let ctx = request_context(&request);
         let r = request.into_inner();
         let lease = ms("lease_duration", r.lease_duration.as_ref())?;
         let wait = ms("wait", r.wait.as_ref())?;
         let leased =
-            self.service.claim_tasks(&p, &r.namespace, &r.queue, &r.worker_id, r.max_tasks, lease, wait).await?;
+            self.service.claim_tasks(&p, &ctx, &r.namespace, &r.queue, &r.worker_id, r.max_tasks, lease, wait).await?;
         Ok(Response::new(pb::ClaimTasksResponse {
             tasks: leased
                 .into_iter()
@@ -512,12 +534,15 @@ impl WorkflowServiceRpc for WorkflowApi {
 
     async fn heartbeat_task(&self, request: Request<pb::HeartbeatTaskRequest>) -> Result<Response<pb::Task>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::Worker)?;
+        let ctx = request_context(&request);
         let r = request.into_inner();
         let lease = ms("lease_duration", r.lease_duration.as_ref())?;
         let task = self
             .service
             .heartbeat(
                 &p,
+                &ctx,
                 &r.namespace,
                 parse_id("id", &r.id)?,
                 lease_token(&r.lease_token)?,
@@ -530,21 +555,33 @@ impl WorkflowServiceRpc for WorkflowApi {
 
     async fn complete_task(&self, request: Request<pb::CompleteTaskRequest>) -> Result<Response<pb::Task>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::Worker)?;
+        let ctx = request_context(&request);
         let r = request.into_inner();
         let output = r.output.map(struct_to_json).unwrap_or_else(|| serde_json::json!({}));
         let task = self
             .service
-            .complete_task(&p, &r.namespace, parse_id("id", &r.id)?, lease_token(&r.lease_token)?, output)
+            .complete_task(&p, &ctx, &r.namespace, parse_id("id", &r.id)?, lease_token(&r.lease_token)?, output)
             .await?;
         Ok(Response::new(task_to_pb(task)))
     }
 
     async fn fail_task(&self, request: Request<pb::FailTaskRequest>) -> Result<Response<pb::Task>, Status> {
         let p = principal(&request)?;
+        p.require_scope(Scope::Worker)?;
+        let ctx = request_context(&request);
         let r = request.into_inner();
         let task = self
             .service
-            .fail_task(&p, &r.namespace, parse_id("id", &r.id)?, lease_token(&r.lease_token)?, &r.error, r.retryable)
+            .fail_task(
+                &p,
+                &ctx,
+                &r.namespace,
+                parse_id("id", &r.id)?,
+                lease_token(&r.lease_token)?,
+                &r.error,
+                r.retryable,
+            )
             .await?;
         Ok(Response::new(task_to_pb(task)))
     }

@@ -46,7 +46,8 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// Services (or single methods, `Service/Method`) whose successful changes are audited inside
 /// the change's own transaction; the layer records successes of every other mutating call.
-pub const AUDITED_IN_TRANSACTION: &[&str] = &["tmws.v1.AgentService/", "tmws.v1.MemoryService/"];
+pub const AUDITED_IN_TRANSACTION: &[&str] =
+    &["tmws.v1.AgentService/", "tmws.v1.MemoryService/", "tmws.v1.WorkflowService/"];
 /// Exceptions to [`AUDITED_IN_TRANSACTION`]: audited by the layer after the response.
 const AUDITED_BY_LAYER: &[&str] = &["tmws.v1.MemoryService/PruneMemories"];
 
@@ -433,7 +434,7 @@ mod tests {
         assert!(audited_in_transaction("tmws.v1.MemoryService/CreateMemory"));
         assert!(audited_in_transaction("tmws.v1.AgentService/CreateApiKey"));
         assert!(!audited_in_transaction("tmws.v1.MemoryService/PruneMemories"));
-        assert!(!audited_in_transaction("tmws.v1.WorkflowService/StartRun"));
+        assert!(audited_in_transaction("tmws.v1.WorkflowService/StartRun"));
     }
 
     #[test]

@@ -20,7 +20,10 @@ use serde_json::{Value, json};
 use sqlx::{PgConnection, Postgres, QueryBuilder, Row, postgres::PgRow, types::Json};
 use uuid::Uuid;
 
-use super::PgStore;
+use super::{
+    PgStore,
+    identity::{AuditEvent, record_audit},
+};
 use crate::telemetry::metrics::metrics;
 use crate::{
     error::{Error, Result},
@@ -591,6 +594,7 @@ pub trait WorkflowStore: Send + Sync + 'static {
         labels: &HashMap<String, String>,
         created_by: &str,
         request_id: Option<&str>,
+        audit: Option<&AuditEvent>,
     ) -> Result<Workflow>;
     async fn get_workflow(&self, ns: &str, id: Uuid) -> Result<Option<Workflow>>;
     /// `version` None = latest.
@@ -603,7 +607,7 @@ pub trait WorkflowStore: Send + Sync + 'static {
         after: Option<PageKey>,
         limit: usize,
     ) -> Result<Vec<Workflow>>;
-    async fn delete_workflow(&self, ns: &str, id: Uuid) -> Result<bool>;
+    async fn delete_workflow(&self, ns: &str, id: Uuid, audit: Option<&AuditEvent>) -> Result<bool>;
 
     /// Creates the run and one task per step; roots are queued. Same request id, same run.
     #[allow(clippy::too_many_arguments)]
@@ -616,13 +620,14 @@ pub trait WorkflowStore: Send + Sync + 'static {
         created_by: &str,
         request_id: Option<&str>,
         trace_parent: Option<&str>,
+        audit: Option<&AuditEvent>,
     ) -> Result<Run>;
     async fn get_run(&self, ns: &str, id: Uuid) -> Result<Option<Run>>;
     async fn list_runs(&self, ns: &str, filter: &RunFilter, after: Option<PageKey>, limit: usize) -> Result<Vec<Run>>;
-    async fn cancel_run(&self, ns: &str, id: Uuid, reason: &str) -> Result<Run>;
+    async fn cancel_run(&self, ns: &str, id: Uuid, reason: &str, audit: Option<&AuditEvent>) -> Result<Run>;
     async fn run_events(&self, run_id: Uuid, after_sequence: i64, limit: usize) -> Result<Vec<RunEvent>>;
 
-    async fn create_task(&self, task: &NewTask) -> Result<Task>;
+    async fn create_task(&self, task: &NewTask, audit: Option<&AuditEvent>) -> Result<Task>;
     async fn get_task(&self, ns: &str, id: Uuid) -> Result<Option<Task>>;
     async fn list_tasks(
         &self,
@@ -639,6 +644,7 @@ pub trait WorkflowStore: Send + Sync + 'static {
         worker: &str,
         max: usize,
         lease_ms: i64,
+        audit: Option<&AuditEvent>,
     ) -> Result<Vec<LeasedTask>>;
     async fn heartbeat(
         &self,
@@ -647,9 +653,25 @@ pub trait WorkflowStore: Send + Sync + 'static {
         token: Uuid,
         lease_ms: Option<i64>,
         progress: Option<&Value>,
+        audit: Option<&AuditEvent>,
     ) -> Result<Task>;
-    async fn complete_task(&self, ns: &str, id: Uuid, token: Uuid, output: &Value) -> Result<Task>;
-    async fn fail_task(&self, ns: &str, id: Uuid, token: Uuid, error: &str, retryable: bool) -> Result<Task>;
+    async fn complete_task(
+        &self,
+        ns: &str,
+        id: Uuid,
+        token: Uuid,
+        output: &Value,
+        audit: Option<&AuditEvent>,
+    ) -> Result<Task>;
+    async fn fail_task(
+        &self,
+        ns: &str,
+        id: Uuid,
+        token: Uuid,
+        error: &str,
+        retryable: bool,
+        audit: Option<&AuditEvent>,
+    ) -> Result<Task>;
 
     /// Engine: fails attempts whose lease (or attempt timeout) expired; returns how many.
     async fn expire_leases(&self, limit: usize) -> Result<usize>;
@@ -673,6 +695,7 @@ impl WorkflowStore for PgStore {
         labels: &HashMap<String, String>,
         created_by: &str,
         request_id: Option<&str>,
+        audit: Option<&AuditEvent>,
     ) -> Result<Workflow> {
         let mut tx = self.pool().begin().await?;
         // Concurrent creates of one name get consecutive versions, never a conflict.
@@ -715,6 +738,7 @@ impl WorkflowStore for PgStore {
         .fetch_one(&mut *tx)
         .await?;
         let wf = workflow_from_row(&row)?;
+        record_call(&mut tx, audit, &[wf.id]).await?;
         tx.commit().await?;
         Ok(wf)
     }
@@ -779,15 +803,20 @@ impl WorkflowStore for PgStore {
     }
 
     #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "delete_workflow"))]
-    async fn delete_workflow(&self, ns: &str, id: Uuid) -> Result<bool> {
+    async fn delete_workflow(&self, ns: &str, id: Uuid, audit: Option<&AuditEvent>) -> Result<bool> {
+        let mut tx = self.pool().begin().await?;
         let n = sqlx::query(
             "UPDATE workflows SET delete_time = clock_timestamp() WHERE id = $1 AND namespace = $2 AND delete_time IS NULL",
         )
         .bind(id)
         .bind(ns)
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+        if n == 1 {
+            record_call(&mut tx, audit, &[id]).await?;
+        }
+        tx.commit().await?;
         Ok(n == 1)
     }
 
@@ -801,6 +830,7 @@ impl WorkflowStore for PgStore {
         created_by: &str,
         request_id: Option<&str>,
         trace_parent: Option<&str>,
+        audit: Option<&AuditEvent>,
     ) -> Result<Run> {
         let mut tx = self.pool().begin().await?;
         let run_id = Uuid::now_v7();
@@ -893,6 +923,7 @@ impl WorkflowStore for PgStore {
             notify_queue(&mut tx, &wf.namespace, &q).await?;
         }
         let run = get_run_in(&mut tx, &wf.namespace, run_id).await?.ok_or_else(|| Error::internal("run vanished"))?;
+        record_call(&mut tx, audit, &[run_id]).await?;
         tx.commit().await?;
         let _ = leaf_steps;
         Ok(run)
@@ -939,7 +970,7 @@ impl WorkflowStore for PgStore {
     }
 
     #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "cancel_run"))]
-    async fn cancel_run(&self, ns: &str, id: Uuid, reason: &str) -> Result<Run> {
+    async fn cancel_run(&self, ns: &str, id: Uuid, reason: &str, audit: Option<&AuditEvent>) -> Result<Run> {
         let mut tx = self.pool().begin().await?;
         let row = sqlx::query("SELECT * FROM runs WHERE id = $1 AND namespace = $2 FOR UPDATE")
             .bind(id)
@@ -954,6 +985,7 @@ impl WorkflowStore for PgStore {
         let reason = if reason.is_empty() { "cancelled" } else { reason };
         end_run(&mut tx, &run, RunStatus::Cancelled, reason).await?;
         let run = get_run_in(&mut tx, ns, id).await?.ok_or_else(|| Error::internal("run vanished"))?;
+        record_call(&mut tx, audit, &[id]).await?;
         tx.commit().await?;
         Ok(run)
     }
@@ -977,7 +1009,7 @@ impl WorkflowStore for PgStore {
     }
 
     #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "create_task"))]
-    async fn create_task(&self, t: &NewTask) -> Result<Task> {
+    async fn create_task(&self, t: &NewTask, audit: Option<&AuditEvent>) -> Result<Task> {
         let mut tx = self.pool().begin().await?;
         if let Some(rid) = &t.request_id {
             let existing: Option<Uuid> =
@@ -1067,6 +1099,7 @@ impl WorkflowStore for PgStore {
             notify_queue(&mut tx, &t.namespace, &t.queue).await?;
         }
         let task = fetch_task(&mut tx, t.id).await?;
+        record_call(&mut tx, audit, &[t.id]).await?;
         tx.commit().await?;
         Ok(task)
     }
@@ -1132,6 +1165,7 @@ impl WorkflowStore for PgStore {
         worker: &str,
         max: usize,
         lease_ms: i64,
+        audit: Option<&AuditEvent>,
     ) -> Result<Vec<LeasedTask>> {
         let mut tx = self.pool().begin().await?;
         let rows = sqlx::query(&format!(
@@ -1190,6 +1224,10 @@ impl WorkflowStore for PgStore {
         for (id, token) in out {
             leased.push(LeasedTask { task: fetch_task(&mut tx, id).await?, lease_token: token });
         }
+        if !leased.is_empty() {
+            let ids: Vec<Uuid> = leased.iter().map(|l| l.task.id).collect();
+            record_call(&mut tx, audit, &ids).await?;
+        }
         tx.commit().await?;
         Ok(leased)
     }
@@ -1202,6 +1240,7 @@ impl WorkflowStore for PgStore {
         token: Uuid,
         lease_ms: Option<i64>,
         progress: Option<&Value>,
+        audit: Option<&AuditEvent>,
     ) -> Result<Task> {
         let mut tx = self.pool().begin().await?;
         let row = lock_task(&mut tx, ns, id).await?.ok_or_else(|| Error::not_found("task", id.to_string()))?;
@@ -1230,18 +1269,34 @@ impl WorkflowStore for PgStore {
         .execute(&mut *tx)
         .await?;
         let task = fetch_task(&mut tx, id).await?;
+        record_call(&mut tx, audit, &[id]).await?;
         tx.commit().await?;
         Ok(task)
     }
 
     #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "complete_task"))]
-    async fn complete_task(&self, ns: &str, id: Uuid, token: Uuid, output: &Value) -> Result<Task> {
-        worker_outcome(self, ns, id, token, Ok(output.clone())).await
+    async fn complete_task(
+        &self,
+        ns: &str,
+        id: Uuid,
+        token: Uuid,
+        output: &Value,
+        audit: Option<&AuditEvent>,
+    ) -> Result<Task> {
+        worker_outcome(self, ns, id, token, Ok(output.clone()), audit).await
     }
 
     #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "fail_task"))]
-    async fn fail_task(&self, ns: &str, id: Uuid, token: Uuid, error: &str, retryable: bool) -> Result<Task> {
-        worker_outcome(self, ns, id, token, Err((error.to_string(), retryable))).await
+    async fn fail_task(
+        &self,
+        ns: &str,
+        id: Uuid,
+        token: Uuid,
+        error: &str,
+        retryable: bool,
+        audit: Option<&AuditEvent>,
+    ) -> Result<Task> {
+        worker_outcome(self, ns, id, token, Err((error.to_string(), retryable)), audit).await
     }
 
     async fn expire_leases(&self, limit: usize) -> Result<usize> {
@@ -1338,6 +1393,20 @@ impl WorkflowStore for PgStore {
     }
 }
 
+/// Appends the audit row of a call (when it is one: the engine's own work passes `None`) inside
+/// the caller's transaction, naming the resources it changed.
+async fn record_call(conn: &mut PgConnection, audit: Option<&AuditEvent>, resources: &[Uuid]) -> Result<()> {
+    let Some(template) = audit else { return Ok(()) };
+    let mut event = template.clone();
+    event.id = Uuid::now_v7();
+    let mut ids: Vec<String> = resources.iter().take(20).map(Uuid::to_string).collect();
+    if resources.len() > 20 {
+        ids.push(format!("... {} more", resources.len() - 20));
+    }
+    event.resource_id = (!ids.is_empty()).then(|| ids.join(","));
+    record_audit(conn, &event).await
+}
+
 fn lease_expired(row: &TaskRow) -> bool {
     let now = Utc::now();
     row.task.lease_expire_time.is_some_and(|t| t < now) || row.attempt_deadline.is_some_and(|t| t < now)
@@ -1351,6 +1420,7 @@ async fn worker_outcome(
     id: Uuid,
     token: Uuid,
     outcome: Result<Value, (String, bool)>,
+    audit: Option<&AuditEvent>,
 ) -> Result<Task> {
     let mut tx = store.pool().begin().await?;
     let row = lock_task(&mut tx, ns, id).await?.ok_or_else(|| Error::not_found("task", id.to_string()))?;
@@ -1378,6 +1448,7 @@ async fn worker_outcome(
     }
     finish_attempt(&mut tx, &row, run.as_ref(), outcome).await?;
     let task = fetch_task(&mut tx, id).await?;
+    record_call(&mut tx, audit, &[id]).await?;
     tx.commit().await?;
     Ok(task)
 }

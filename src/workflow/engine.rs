@@ -15,7 +15,7 @@ use super::{
     is_valid_name, validate_dag,
 };
 use crate::{
-    auth::{Principal, Role},
+    auth::{Principal, RequestContext, Role},
     config::{WorkflowConfig, parse_duration_str},
     error::{Error, FieldViolation, Result},
     memory::{
@@ -25,6 +25,7 @@ use crate::{
     page_token::PageTokens,
     store::{
         WorkflowStore,
+        identity::AuditEvent,
         notify::{Notification, Notifier},
         workflow::{PageKey, RunFilter, TaskFilter},
     },
@@ -282,6 +283,7 @@ impl WorkflowService {
     pub async fn create_workflow(
         &self,
         p: &Principal,
+        ctx: &RequestContext,
         requested_ns: &str,
         d: WorkflowDraft,
         request_id: Option<&str>,
@@ -289,7 +291,10 @@ impl WorkflowService {
         p.ensure_can_write()?;
         let ns = p.target_namespace(requested_ns)?;
         let (name, description, definition, labels) = self.validate_workflow(d)?;
-        self.store.create_workflow(&ns, &name, &description, &definition, &labels, &p.agent_id, request_id).await
+        let audit = AuditEvent::ok(p, &ns, ctx, "");
+        self.store
+            .create_workflow(&ns, &name, &description, &definition, &labels, &p.agent_id, request_id, Some(&audit))
+            .await
     }
 
     pub async fn get_workflow(
@@ -347,10 +352,17 @@ impl WorkflowService {
         rows.last().map(|last| self.tokens.encode(q, &key(last))).unwrap_or_default()
     }
 
-    pub async fn delete_workflow(&self, p: &Principal, requested_ns: &str, id: Uuid) -> Result<()> {
+    pub async fn delete_workflow(
+        &self,
+        p: &Principal,
+        ctx: &RequestContext,
+        requested_ns: &str,
+        id: Uuid,
+    ) -> Result<()> {
         p.ensure_can_write()?;
         let ns = p.target_namespace(requested_ns)?;
-        if self.store.delete_workflow(&ns, id).await? {
+        let audit = AuditEvent::ok(p, &ns, ctx, "");
+        if self.store.delete_workflow(&ns, id, Some(&audit)).await? {
             Ok(())
         } else {
             Err(Error::not_found("workflow", id.to_string()))
@@ -363,6 +375,7 @@ impl WorkflowService {
     pub async fn start_run(
         &self,
         p: &Principal,
+        ctx: &RequestContext,
         requested_ns: &str,
         workflow_id: Option<Uuid>,
         workflow_name: &str,
@@ -384,8 +397,18 @@ impl WorkflowService {
         let wf = self.get_workflow(p, &ns, workflow_id, workflow_name, version).await?;
         let timeout = wf.definition.timeout_ms;
         let trace_parent = crate::telemetry::current_traceparent();
+        let audit = AuditEvent::ok(p, &ns, ctx, "");
         self.store
-            .start_run(&wf, &input, self.default_retry(), timeout, &p.agent_id, request_id, trace_parent.as_deref())
+            .start_run(
+                &wf,
+                &input,
+                self.default_retry(),
+                timeout,
+                &p.agent_id,
+                request_id,
+                trace_parent.as_deref(),
+                Some(&audit),
+            )
             .await
     }
 
@@ -411,13 +434,21 @@ impl WorkflowService {
         Ok((rows, next))
     }
 
-    pub async fn cancel_run(&self, p: &Principal, requested_ns: &str, id: Uuid, reason: &str) -> Result<Run> {
+    pub async fn cancel_run(
+        &self,
+        p: &Principal,
+        ctx: &RequestContext,
+        requested_ns: &str,
+        id: Uuid,
+        reason: &str,
+    ) -> Result<Run> {
         p.ensure_can_write()?;
         let ns = p.target_namespace(requested_ns)?;
         if reason.len() > 1024 {
             return Err(Error::invalid("reason", "must be at most 1024 bytes"));
         }
-        self.store.cancel_run(&ns, id, reason).await
+        let audit = AuditEvent::ok(p, &ns, ctx, "");
+        self.store.cancel_run(&ns, id, reason, Some(&audit)).await
     }
 
     /// Streams a snapshot (unless resuming after a sequence), then every event of the run in
@@ -497,6 +528,7 @@ impl WorkflowService {
     pub async fn create_task(
         &self,
         p: &Principal,
+        ctx: &RequestContext,
         requested_ns: &str,
         d: TaskDraft,
         request_id: Option<&str>,
@@ -544,7 +576,8 @@ impl WorkflowService {
             created_by: p.agent_id.clone(),
             request_id: request_id.map(str::to_string),
         };
-        self.store.create_task(&task).await
+        let audit = AuditEvent::ok(p, &task.namespace, ctx, "");
+        self.store.create_task(&task, Some(&audit)).await
     }
 
     pub async fn get_task(&self, p: &Principal, requested_ns: &str, id: Uuid) -> Result<Task> {
@@ -585,6 +618,7 @@ impl WorkflowService {
     pub async fn claim_tasks(
         &self,
         p: &Principal,
+        ctx: &RequestContext,
         requested_ns: &str,
         queue: &str,
         worker_id: &str,
@@ -622,10 +656,11 @@ impl WorkflowService {
         };
         v.into_result()?;
         let key = format!("{ns}/{queue}");
+        let audit = AuditEvent::ok(p, &ns, ctx, "");
         let mut notes = self.notifier.subscribe();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(wait as u64);
         loop {
-            let got = self.store.claim_tasks(&ns, queue, worker_id, max_tasks as usize, lease).await?;
+            let got = self.store.claim_tasks(&ns, queue, worker_id, max_tasks as usize, lease, Some(&audit)).await?;
             if !got.is_empty() || tokio::time::Instant::now() >= deadline {
                 return Ok(got);
             }
@@ -645,9 +680,11 @@ impl WorkflowService {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub async fn heartbeat(
         &self,
         p: &Principal,
+        ctx: &RequestContext,
         requested_ns: &str,
         id: Uuid,
         token: Uuid,
@@ -665,12 +702,14 @@ impl WorkflowService {
             self.payload(&mut v, "progress", pr);
             v.into_result()?;
         }
-        self.store.heartbeat(&ns, id, token, lease, progress.as_ref()).await
+        let audit = AuditEvent::ok(p, &ns, ctx, "");
+        self.store.heartbeat(&ns, id, token, lease, progress.as_ref(), Some(&audit)).await
     }
 
     pub async fn complete_task(
         &self,
         p: &Principal,
+        ctx: &RequestContext,
         requested_ns: &str,
         id: Uuid,
         token: Uuid,
@@ -681,12 +720,15 @@ impl WorkflowService {
         let mut v = Violations::default();
         self.payload(&mut v, "output", &output);
         v.into_result()?;
-        self.store.complete_task(&ns, id, token, &output).await
+        let audit = AuditEvent::ok(p, &ns, ctx, "");
+        self.store.complete_task(&ns, id, token, &output, Some(&audit)).await
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub async fn fail_task(
         &self,
         p: &Principal,
+        ctx: &RequestContext,
         requested_ns: &str,
         id: Uuid,
         token: Uuid,
@@ -699,7 +741,8 @@ impl WorkflowService {
             return Err(Error::invalid("error", "must be at most 16384 bytes"));
         }
         let error = if error.is_empty() { "failed" } else { error };
-        self.store.fail_task(&ns, id, token, error, retryable).await
+        let audit = AuditEvent::ok(p, &ns, ctx, "");
+        self.store.fail_task(&ns, id, token, error, retryable, Some(&audit)).await
     }
 
     // ---- the engine --------------------------------------------------------------------------
@@ -735,9 +778,9 @@ impl WorkflowService {
             StepKind::Task => Err(("a TASK step is done by workers".into(), false)),
         };
         let result = match outcome {
-            Ok(output) => self.store.complete_task(&t.namespace, t.id, leased.lease_token, &output).await,
+            Ok(output) => self.store.complete_task(&t.namespace, t.id, leased.lease_token, &output, None).await,
             Err((error, retryable)) => {
-                self.store.fail_task(&t.namespace, t.id, leased.lease_token, &error, retryable).await
+                self.store.fail_task(&t.namespace, t.id, leased.lease_token, &error, retryable, None).await
             }
         };
         if let Err(e) = result {

@@ -8,8 +8,6 @@ use tonic_types::StatusExt;
 use crate::common::{TestApp, as_agent, spawn_app_env};
 use tmws::pb::{self, memory_service_client::MemoryServiceClient};
 
-pub const TRUST: (&str, &str) = ("TMWS_DEV_TRUST_HEADERS", "true");
-
 pub fn memory(content: &str) -> pb::Memory {
     pb::Memory { content: content.into(), ..Default::default() }
 }
@@ -394,7 +392,7 @@ async fn reads_are_counted_in_the_background() {
 
 #[tokio::test]
 async fn prune_and_stats() {
-    let app = spawn_app_env(&[TRUST]).await;
+    let app = spawn_app_env(&[]).await;
     let mut client: MemoryServiceClient<_> = app.memory();
     let mut items = Vec::new();
     for i in 0..6 {
@@ -408,7 +406,7 @@ async fn prune_and_stats() {
         .batch_create_memories(as_agent(
             pb::BatchCreateMemoriesRequest { requests: items, ..Default::default() },
             "alice",
-            "ns1",
+            "red",
             "agent",
         ))
         .await
@@ -416,10 +414,10 @@ async fn prune_and_stats() {
     let mut bobs = memory("bob's note");
     bobs.importance = Some(0.0);
     bobs.access_level = pb::AccessLevel::Team as i32;
-    client.create_memory(as_agent(create(bobs), "bob", "ns1", "agent")).await.expect("bob");
+    client.create_memory(as_agent(create(bobs), "bob", "red", "agent")).await.expect("bob");
 
     let stats = client
-        .get_memory_stats(as_agent(pb::GetMemoryStatsRequest::default(), "alice", "ns1", "agent"))
+        .get_memory_stats(as_agent(pb::GetMemoryStatsRequest::default(), "alice", "red", "agent"))
         .await
         .expect("stats")
         .into_inner();
@@ -438,21 +436,21 @@ async fn prune_and_stats() {
         limit,
         ..Default::default()
     };
-    let dry = client.prune_memories(as_agent(prune(true, 0), "alice", "ns1", "agent")).await.expect("dry").into_inner();
+    let dry = client.prune_memories(as_agent(prune(true, 0), "alice", "red", "agent")).await.expect("dry").into_inner();
     assert_eq!((dry.pruned_count, dry.dry_run), (3, true), "alice prunes only her own memories");
     let capped =
-        client.prune_memories(as_agent(prune(false, 2), "alice", "ns1", "agent")).await.expect("prune").into_inner();
+        client.prune_memories(as_agent(prune(false, 2), "alice", "red", "agent")).await.expect("prune").into_inner();
     assert_eq!((capped.pruned_count, capped.more), (2, true));
     let rest =
-        client.prune_memories(as_agent(prune(false, 0), "alice", "ns1", "agent")).await.expect("prune").into_inner();
+        client.prune_memories(as_agent(prune(false, 0), "alice", "red", "agent")).await.expect("prune").into_inner();
     assert_eq!((rest.pruned_count, rest.more), (1, false));
     assert_eq!(rows(&app).await, 4, "bob's memory survives alice's prune");
     let admin =
-        client.prune_memories(as_agent(prune(false, 0), "root", "ns1", "admin")).await.expect("admin").into_inner();
+        client.prune_memories(as_agent(prune(false, 0), "root", "red", "admin")).await.expect("admin").into_inner();
     assert_eq!(admin.pruned_count, 1, "an admin prunes the whole namespace");
 
     let none = client
-        .prune_memories(as_agent(pb::PruneMemoriesRequest::default(), "alice", "ns1", "agent"))
+        .prune_memories(as_agent(pb::PruneMemoriesRequest::default(), "alice", "red", "agent"))
         .await
         .expect_err("no criteria");
     assert_invalid(&none, "expired");
@@ -462,7 +460,7 @@ async fn prune_and_stats() {
 
 #[tokio::test]
 async fn list_filters_apply_inside_the_query() {
-    let app = spawn_app_env(&[TRUST]).await;
+    let app = spawn_app_env(&[]).await;
     let mut client = app.memory();
     let mut requests = Vec::new();
     for i in 0..12 {
@@ -485,14 +483,14 @@ async fn list_filters_apply_inside_the_query() {
         .batch_create_memories(as_agent(
             pb::BatchCreateMemoriesRequest { requests, ..Default::default() },
             "alice",
-            "ns",
+            "red",
             "agent",
         ))
         .await
         .expect("batch")
         .into_inner()
         .memories;
-    client.create_memory(as_agent(create(memory("bob's own")), "bob", "ns", "agent")).await.expect("bob");
+    client.create_memory(as_agent(create(memory("bob's own")), "bob", "red", "agent")).await.expect("bob");
     let middle = created[6].create_time;
 
     let list = |f: pb::MemoryFilter| {
@@ -502,7 +500,7 @@ async fn list_filters_apply_inside_the_query() {
                 .list_memories(as_agent(
                     pb::ListMemoriesRequest { filter: Some(f), ..Default::default() },
                     "alice",
-                    "ns",
+                    "red",
                     "agent",
                 ))
                 .await
@@ -581,7 +579,7 @@ async fn list_filters_apply_inside_the_query() {
                 ..Default::default()
             },
             "alice",
-            "ns",
+            "red",
             "agent",
         ))
         .await
@@ -593,13 +591,13 @@ async fn list_filters_apply_inside_the_query() {
     // Prune of expired memories only touches expired ones.
     let mut short = memory("expires soon");
     short.ttl = Some(prost_types::Duration { seconds: 0, nanos: 300_000_000 });
-    client.create_memory(as_agent(create(short), "alice", "ns", "agent")).await.expect("short");
+    client.create_memory(as_agent(create(short), "alice", "red", "agent")).await.expect("short");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pruned = client
         .prune_memories(as_agent(
             pb::PruneMemoriesRequest { expired: true, ..Default::default() },
             "alice",
-            "ns",
+            "red",
             "agent",
         ))
         .await

@@ -6,7 +6,7 @@ use tonic::Code;
 
 use crate::{
     common::{as_agent, spawn_app_env},
-    memory::{TRUST, create, memory},
+    memory::{create, memory},
 };
 use tmws::pb;
 
@@ -28,7 +28,7 @@ fn level(content: &str, level: pb::AccessLevel) -> pb::CreateMemoryRequest {
 
 #[tokio::test]
 async fn access_levels_decide_who_sees_what() {
-    let app = spawn_app_env(&[TRUST]).await;
+    let app = spawn_app_env(&[]).await;
     let mut c = app.memory();
     let mk = |c: &mut pb::memory_service_client::MemoryServiceClient<_>, req| {
         let mut c = c.clone();
@@ -215,7 +215,7 @@ async fn access_levels_decide_who_sees_what() {
 
 #[tokio::test]
 async fn expired_grants_stop_applying() {
-    let app = spawn_app_env(&[TRUST]).await;
+    let app = spawn_app_env(&[]).await;
     let mut c = app.memory();
     let id = c
         .create_memory(as_agent(level("briefly shared", pb::AccessLevel::Shared), "alice", RED, "agent"))

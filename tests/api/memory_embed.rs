@@ -4,7 +4,7 @@
 use tonic::Code;
 
 use crate::{
-    common::{embed_server::EmbedServer, fresh_database, spawn_app_with, test_config, test_env},
+    common::{embed_server::EmbedServer, fresh_database, spawn_secure, test_env},
     memory::{create, memory},
 };
 use tmws::pb;
@@ -20,9 +20,8 @@ async fn openai_provider_batches_and_fails_loudly() {
     let env = test_env();
     let db = fresh_database(&env).await;
     let url = server.url();
-    let app = spawn_app_with(test_config(
+    let app = spawn_secure(
         &db,
-        Some(&env.redis_url),
         &[
             ("TMWS_EMBEDDING_PROVIDER", "openai"),
             ("TMWS_EMBEDDING_URL", &url),
@@ -32,7 +31,7 @@ async fn openai_provider_batches_and_fails_loudly() {
             ("TMWS_EMBEDDING_MAX_RETRIES", "1"),
             ("TMWS_EMBEDDING_TIMEOUT", "500ms"),
         ],
-    ))
+    )
     .await;
     let mut client = app.memory();
 
@@ -96,16 +95,15 @@ async fn ollama_provider_embeds_content_and_queries() {
     let env = test_env();
     let db = fresh_database(&env).await;
     let url = server.url();
-    let app = spawn_app_with(test_config(
+    let app = spawn_secure(
         &db,
-        Some(&env.redis_url),
         &[
             ("TMWS_EMBEDDING_PROVIDER", "ollama"),
             ("TMWS_EMBEDDING_URL", &url),
             ("TMWS_EMBEDDING_MODEL", "nomic-embed-text"),
             ("TMWS_EMBEDDING_DIMENSION", "8"),
         ],
-    ))
+    )
     .await;
     let mut client = app.memory();
     let m = client.create_memory(create(memory("ollama embedded this"))).await.expect("create").into_inner();

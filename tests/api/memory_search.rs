@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use crate::common::{fresh_database, spawn_app_with, test_config, test_env};
+use crate::common::{fresh_database, spawn_secure, test_config, test_env};
 use crate::memory::{create, memory};
 use tmws::pb;
 
@@ -74,7 +74,7 @@ async fn semantic_search_matches_brute_force() {
         ("TMWS_HNSW_EF_SEARCH", "64"),
         ("TMWS_DB_MAX_CONNECTIONS", "8"),
     ];
-    let app = spawn_app_with(test_config(&db, Some(&env.redis_url), &settings)).await;
+    let app = spawn_secure(&db, &settings).await;
     let mut client = app.memory();
 
     let mut rng = Rng(0x5eed_1234_abcd_0001);
@@ -165,7 +165,7 @@ async fn semantic_search_matches_brute_force() {
     // Forcing the HNSW path for the selective filter (threshold 0): iterative index scans still
     // return k matching rows.
     let forced = [("TMWS_EXACT_SEARCH_THRESHOLD", "0"), settings[0], settings[1]];
-    let app = spawn_app_with(test_config(&db, Some(&env.redis_url), &forced)).await;
+    let app = spawn_secure(&db, &forced).await;
     let mut client = app.memory();
     for q in queries.iter().take(5) {
         let filtered = client.search_memories(search(q, 10, false, rare())).await.expect("filtered").into_inner();
@@ -179,12 +179,7 @@ async fn semantic_search_matches_brute_force() {
 async fn hybrid_ranks_keyword_only_and_meaning_only_matches() {
     let env = test_env();
     let db = fresh_database(&env).await;
-    let app = spawn_app_with(test_config(
-        &db,
-        Some(&env.redis_url),
-        &[("TMWS_EMBEDDING_PROVIDER", "none"), ("TMWS_EMBEDDING_DIMENSION", "8")],
-    ))
-    .await;
+    let app = spawn_secure(&db, &[("TMWS_EMBEDDING_PROVIDER", "none"), ("TMWS_EMBEDDING_DIMENSION", "8")]).await;
     let mut client = app.memory();
     let mut rng = Rng(42);
     let q = normalise((0..8).map(|_| rng.normal()).collect());

@@ -7,15 +7,18 @@ use std::{
 };
 
 use tokio_stream::StreamExt;
-use tonic::{Code, transport::Channel};
+use tonic::Code;
 
-use crate::{common::spawn_app_env, memory::assert_invalid};
+use crate::{
+    common::{AuthChannel, spawn_app_env},
+    memory::assert_invalid,
+};
 use tmws::{
     api::convert::{json_to_struct, struct_to_json},
     pb::{self, workflow_service_client::WorkflowServiceClient},
 };
 
-pub type Client = WorkflowServiceClient<Channel>;
+pub type Client = WorkflowServiceClient<AuthChannel>;
 
 /// Fast engine timings for tests.
 pub const FAST: [(&str, &str); 3] =
@@ -672,5 +675,93 @@ async fn concurrent_creates_of_one_name_make_consecutive_versions() {
         .expect("list")
         .into_inner();
     assert_eq!(listed.workflows.len(), 1);
+    app.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn workflow_calls_need_their_scopes() {
+    let app = spawn_app_env(&FAST).await;
+    let mut c = app.workflow();
+    c.create_workflow(workflow("scoped", vec![task("a", &[])])).await.expect("create");
+    start(&mut c, "scoped", serde_json::json!({})).await;
+    let worker_key = app.create_key("dev-agent", &["worker"]).await;
+    let reader_key = app.create_key("dev-agent", &["workflow:read"]).await;
+    use crate::common::with_key;
+
+    // A worker-only key claims and completes, but cannot define or start workflows.
+    let claimed = c
+        .claim_tasks(with_key(
+            pb::ClaimTasksRequest {
+                queue: "work".into(),
+                worker_id: "w".into(),
+                max_tasks: 1,
+                wait: millis(1000),
+                ..Default::default()
+            },
+            &worker_key,
+        ))
+        .await
+        .expect("worker claims")
+        .into_inner()
+        .tasks;
+    assert_eq!(claimed.len(), 1);
+    let denied = c.create_workflow(with_key(workflow("nope", vec![task("a", &[])]), &worker_key)).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
+    // A read-only credential lists runs but cannot claim or complete.
+    c.list_runs(with_key(pb::ListRunsRequest::default(), &reader_key)).await.expect("reader lists");
+    let denied = c
+        .claim_tasks(with_key(
+            pb::ClaimTasksRequest { queue: "work".into(), worker_id: "w".into(), max_tasks: 1, ..Default::default() },
+            &reader_key,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let t = claimed[0].task.clone().expect("task");
+    let denied = c
+        .complete_task(with_key(
+            pb::CompleteTaskRequest {
+                id: t.id.clone(),
+                lease_token: claimed[0].lease_token.clone(),
+                ..Default::default()
+            },
+            &reader_key,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    c.complete_task(with_key(
+        pb::CompleteTaskRequest { id: t.id.clone(), lease_token: claimed[0].lease_token.clone(), ..Default::default() },
+        &worker_key,
+    ))
+    .await
+    .expect("worker completes");
+    // Workflow changes are audited in the same transaction, naming what they changed.
+    let events = app
+        .agents()
+        .list_audit_events(app.admin(pb::ListAuditEventsRequest { namespace: "default".into(), ..Default::default() }))
+        .await
+        .expect("audit events")
+        .into_inner()
+        .events;
+    let find = |method: &str| {
+        events.iter().find(|e| e.method == format!("tmws.v1.WorkflowService/{method}") && e.code == "OK").cloned()
+    };
+    let started = find("StartRun").expect("StartRun audited");
+    assert_eq!((started.agent_id.as_str(), started.code.as_str()), ("dev-agent", "OK"));
+    assert!(uuid::Uuid::parse_str(&started.resource_id).is_ok(), "{started:?}");
+    let claim = find("ClaimTasks").expect("ClaimTasks audited");
+    assert_eq!(claim.resource_id, t.id);
+    assert!(find("CreateWorkflow").is_some());
+    let refused =
+        events.iter().find(|e| e.method == "tmws.v1.WorkflowService/CreateWorkflow" && e.code == "PERMISSION_DENIED");
+    assert!(refused.is_some(), "refused calls are audited too");
+    // A read-only agent (role) cannot write at all.
+    let ro = c
+        .create_workflow(crate::common::as_agent(workflow("ro", vec![task("a", &[])]), "rita", "red", "readonly"))
+        .await
+        .unwrap_err();
+    assert_eq!(ro.code(), Code::PermissionDenied);
     app.stop().await.expect("stop");
 }

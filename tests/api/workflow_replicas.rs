@@ -10,7 +10,7 @@ use std::{
 use tokio_stream::StreamExt;
 
 use crate::{
-    common::{fresh_database, spawn_app_with, test_config, test_env},
+    common::{fresh_database, spawn_secure, test_env},
     workflow::{FAST, claim, complete, spawn_worker, start, step, task, wait_for_end, workflow},
 };
 use tmws::{
@@ -22,7 +22,7 @@ use tmws::{
 async fn delay_steps_fire_after_their_duration_and_survive_a_restart() {
     let env = test_env();
     let db = fresh_database(&env).await;
-    let app = spawn_app_with(test_config(&db, Some(&env.redis_url), &FAST)).await;
+    let app = spawn_secure(&db, &FAST).await;
     let mut c = app.workflow();
     let mut wait = step("wait", pb::StepKind::Delay, &[]);
     wait.config = Some(json_to_struct(serde_json::json!({"duration": "1500ms"})));
@@ -34,7 +34,7 @@ async fn delay_steps_fire_after_their_duration_and_survive_a_restart() {
 
     // A new process on the same database finishes it.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let app = spawn_app_with(test_config(&db, Some(&env.redis_url), &FAST)).await;
+    let app = spawn_secure(&db, &FAST).await;
     let mut c = app.workflow();
     let ended = wait_for_end(&mut c, &run.id, Duration::from_secs(10)).await;
     assert_eq!(ended.status, pb::RunStatus::Succeeded as i32, "{ended:?}");
@@ -49,8 +49,8 @@ async fn delay_steps_fire_after_their_duration_and_survive_a_restart() {
 async fn two_replicas_share_the_queue_without_double_delivery() {
     let env = test_env();
     let db = fresh_database(&env).await;
-    let one = spawn_app_with(test_config(&db, Some(&env.redis_url), &FAST)).await;
-    let two = spawn_app_with(test_config(&db, Some(&env.redis_url), &FAST)).await;
+    let one = spawn_secure(&db, &FAST).await;
+    let two = spawn_secure(&db, &FAST).await;
 
     // WatchRun on replica two sees what happens through replica one.
     let mut c1 = one.workflow();
@@ -129,7 +129,10 @@ async fn a_killed_server_loses_nothing_and_completes_nothing_twice() {
         .spawn()
         .expect("spawn tmws");
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("endpoint").connect_lazy();
-    let mut c = WorkflowServiceClient::new(channel);
+    let mut c = WorkflowServiceClient::new(tonic::service::interceptor::InterceptedService::new(
+        channel,
+        crate::common::DefaultCredential::default(),
+    ));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while c.list_workflows(pb::ListWorkflowsRequest::default()).await.is_err() {
         assert!(tokio::time::Instant::now() < deadline, "tmws did not start");
@@ -147,7 +150,7 @@ async fn a_killed_server_loses_nothing_and_completes_nothing_twice() {
     assert!(tokio::process::Command::new("kill").args(["-KILL", &pid]).status().await.expect("kill").success());
     let _ = child.wait().await;
 
-    let app = spawn_app_with(test_config(&db, Some(&env.redis_url), &FAST)).await;
+    let app = spawn_secure(&db, &FAST).await;
     let mut c = app.workflow();
     // Leases are rows in the database: the worker finishes its held tasks through the new server.
     for l in &held[1..] {

@@ -28,7 +28,11 @@ use tmws::{
     server::RunningServer,
 };
 use tokio::{net::TcpListener, sync::Mutex, task::JoinSet};
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint},
+};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
 pub struct TestEnv {
@@ -115,6 +119,30 @@ pub fn test_config(database_url: &str, redis_url: Option<&str>, overrides: &[(&s
     Config::from_lookup(|k| vars.get(k).cloned()).expect("valid test configuration")
 }
 
+/// Adds `authorization: Bearer <credential>` to calls that carry no credential of their own.
+#[derive(Clone, Default)]
+pub struct DefaultCredential(Option<MetadataValue<Ascii>>);
+
+impl DefaultCredential {
+    pub fn bearer(token: &str) -> Self {
+        Self(Some(format!("Bearer {token}").parse().expect("ascii credential")))
+    }
+}
+
+impl Interceptor for DefaultCredential {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0
+            && !req.metadata().contains_key("authorization")
+        {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The channel the service clients use: the default credential of the test server attached.
+pub type AuthChannel = InterceptedService<Channel, DefaultCredential>;
+
 pub struct TestApp {
     pub addr: SocketAddr,
     pub database_url: String,
@@ -122,14 +150,20 @@ pub struct TestApp {
     server: Option<RunningServer>,
     /// The bootstrap admin's API key (servers from [`spawn_app_auth`]); empty otherwise.
     pub admin_key: String,
+    /// Attached to memory and workflow calls that carry no credential (the roster's `dev-agent`
+    /// on [`spawn_app_env`] servers).
+    pub default_credential: DefaultCredential,
 }
 
 impl TestApp {
-    pub fn memory(&self) -> MemoryServiceClient<Channel> {
-        MemoryServiceClient::new(self.channel.clone())
+    pub fn authed(&self) -> AuthChannel {
+        InterceptedService::new(self.channel.clone(), self.default_credential.clone())
     }
-    pub fn workflow(&self) -> WorkflowServiceClient<Channel> {
-        WorkflowServiceClient::new(self.channel.clone())
+    pub fn memory(&self) -> MemoryServiceClient<AuthChannel> {
+        MemoryServiceClient::new(self.authed())
+    }
+    pub fn workflow(&self) -> WorkflowServiceClient<AuthChannel> {
+        WorkflowServiceClient::new(self.authed())
     }
     pub fn health(&self) -> HealthClient<Channel> {
         HealthClient::new(self.channel.clone())
@@ -213,22 +247,85 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(test_config(&db, Some(&env.redis_url), &[])).await
 }
 
-/// A server on a fresh database with Redis, started with extra settings.
+/// The agents the memory and workflow suites act as: (id, namespace, role). Every
+/// [`spawn_app_env`] server has them; [`as_agent`] signs in as one of them.
+pub const ROSTER: &[(&str, &str, &str)] = &[
+    ("dev-agent", "default", "agent"),
+    ("alice", "red", "agent"),
+    ("bob", "red", "agent"),
+    ("carol", "blue", "agent"),
+    ("root", "red", "admin"),
+    ("rita", "red", "readonly"),
+];
+
+/// Settings of a [`spawn_app_env`] server: authentication on (API keys and HS256 JWTs signed
+/// with [`TEST_SECRET_KEY`]), rate limits off unless `overrides` turn them on.
+pub fn secure_config(
+    database_url: &str,
+    redis_url: Option<&str>,
+    admin_key: &str,
+    overrides: &[(&str, &str)],
+) -> Config {
+    let mut vars: Vec<(&str, &str)> = vec![("TMWS_JWT_HS256", "true"), ("TMWS_RATE_LIMIT_ENABLED", "false")];
+    vars.extend_from_slice(overrides);
+    auth_config(database_url, redis_url, admin_key, &vars)
+}
+
+/// A server with authentication on, on a fresh database with Redis, started with extra
+/// settings; the [`ROSTER`] agents exist and un-credentialed calls run as `dev-agent`.
 pub async fn spawn_app_env(overrides: &[(&str, &str)]) -> TestApp {
     let env = test_env();
     let db = fresh_database(&env).await;
-    spawn_app_with(test_config(&db, Some(&env.redis_url), overrides)).await
+    spawn_secure(&db, overrides).await
 }
 
-/// Attaches a development principal to a request (servers started with
-/// `TMWS_DEV_TRUST_HEADERS=true`).
+/// Like [`spawn_app_env`] on a given database (several replicas, restarts); the roster is
+/// created when missing.
+pub async fn spawn_secure(db: &str, overrides: &[(&str, &str)]) -> TestApp {
+    let env = test_env();
+    let key = random_api_key();
+    let mut app = spawn_app_with(secure_config(db, Some(&env.redis_url), &key, overrides)).await;
+    app.admin_key = key;
+    for (id, namespace, role) in ROSTER {
+        let role = match *role {
+            "admin" => pb::Role::Admin,
+            "readonly" => pb::Role::Readonly,
+            _ => pb::Role::Agent,
+        };
+        let agent =
+            pb::Agent { id: (*id).into(), namespace: (*namespace).into(), role: role as i32, ..Default::default() };
+        let created = app
+            .agents()
+            .create_agent(app.admin(pb::CreateAgentRequest { agent: Some(agent), request_id: String::new() }))
+            .await;
+        if let Err(s) = created
+            && s.code() != tonic::Code::AlreadyExists
+        {
+            panic!("create roster agent {id}: {s:?}");
+        }
+    }
+    app.default_credential = DefaultCredential::bearer(&jwt_for("dev-agent"));
+    app
+}
+
+/// An HS256 JWT for `agent` signed with [`TEST_SECRET_KEY`], valid for an hour.
+pub fn jwt_for(agent: &str) -> String {
+    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+    use hmac::{Hmac, Mac};
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let header = URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256","typ":"JWT"}"#);
+    let claims = URL_SAFE_NO_PAD.encode(serde_json::json!({"sub": agent, "iat": now, "exp": now + 3600}).to_string());
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(TEST_SECRET_KEY.as_bytes()).expect("hmac key");
+    mac.update(format!("{header}.{claims}").as_bytes());
+    let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    format!("{header}.{claims}.{sig}")
+}
+
+/// `message` as a call by the [`ROSTER`] agent `agent` (signed in with a JWT). `namespace` and
+/// `role` must be the roster's: they document the caller at the call site.
 pub fn as_agent<T>(message: T, agent: &str, namespace: &str, role: &str) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(message);
-    let md = req.metadata_mut();
-    md.insert("x-tmws-agent-id", agent.parse().expect("ascii agent"));
-    md.insert("x-tmws-namespace", namespace.parse().expect("ascii namespace"));
-    md.insert("x-tmws-role", role.parse().expect("ascii role"));
-    req
+    assert!(ROSTER.contains(&(agent, namespace, role)), "({agent}, {namespace}, {role}) is not in the test roster");
+    with_key(message, &jwt_for(agent))
 }
 
 /// The server secret of authenticated test servers (random-looking, not a placeholder).
@@ -281,7 +378,14 @@ pub async fn spawn_app_with(config: Config) -> TestApp {
         .expect("endpoint")
         .connect_timeout(Duration::from_secs(5))
         .connect_lazy();
-    let app = TestApp { addr, database_url, channel, server: Some(server), admin_key: String::new() };
+    let app = TestApp {
+        addr,
+        database_url,
+        channel,
+        server: Some(server),
+        admin_key: String::new(),
+        default_credential: DefaultCredential::default(),
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         if app.health_status("").await.is_ok() {
