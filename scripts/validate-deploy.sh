@@ -357,9 +357,13 @@ for overlay in ("dev", "prod"):
             fail(where, "topologySpreadConstraints missing")
         if overlay == "prod" and d["spec"].get("replicas") != 3:
             fail(where, "the production Deployment runs 3 replicas")
+        # The scrape annotations must point at the metrics port the server listens on.
         ann = d["spec"]["template"]["metadata"].get("annotations", {})
-        if any(k.startswith("prometheus.io/") for k in ann):
-            fail(where, "no prometheus.io annotations: there is no metrics endpoint")
+        if ann.get("prometheus.io/scrape") == "true":
+            port = ann.get("prometheus.io/port", "")
+            ports = [str(p.get("containerPort")) for p in c.get("ports", []) if p.get("name") == "metrics"]
+            if port not in ports:
+                fail(where, f"prometheus.io/port {port!r} is not the container's metrics port {ports}")
     for s in by_kind.get("Service", []):
         if s["metadata"]["name"].startswith("tmws"):
             ports = s["spec"]["ports"]

@@ -140,3 +140,14 @@ async fn serve_drains_and_exits_zero_on_sigterm() {
         serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
     }
 }
+
+#[test]
+fn readme_documents_every_setting() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md");
+    let env_example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.env.example")).expect(".env.example");
+    for setting in tmws::config::SETTINGS {
+        assert!(readme.contains(&format!("`{}`", setting.name)), "README.md lacks {}", setting.name);
+        assert!(env_example.contains(setting.name), ".env.example lacks {}", setting.name);
+    }
+}
