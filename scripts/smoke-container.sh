@@ -19,14 +19,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The environment is the `tmws` service's from this compose file (environment and env_file, with
-# ${VAR} interpolation), with its addresses pointed at this machine. It is the DEVELOPMENT file
-# because a build without authentication refuses TMWS_ENVIRONMENT=production and
-# TMWS_AUTH_ENABLED=true with a configuration error (exit 2). Once authentication is in the
-# build, switch this line to docker-compose.prod.yml and export TMWS_SECRET_KEY
-# (openssl rand -hex 32); when that env asks for TLS (TMWS_TLS_CERT), a self-signed pair is
-# generated and the health client speaks TLS.
-ENV_SOURCE="docker-compose.dev.yml"
+# The environment is the `tmws` service's from the PRODUCTION compose file (environment and
+# env_file, with ${VAR} interpolation: authentication on, TLS, JSON logs), with its addresses
+# pointed at this machine. The server secret is generated here when the caller gives none, and
+# the TLS pair the file asks for is a throw-away self-signed one (the health client speaks TLS).
+ENV_SOURCE="${SMOKE_ENV_SOURCE:-docker-compose.prod.yml}"
 
 SMOKE_UID=10001
 SMOKE_USER=tmws
@@ -95,6 +92,7 @@ fi
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 GRPC_PORT="$(free_port)"
 CLOSED_PORT="$(free_port)"
+METRICS_PORT="$(free_port)"
 SMOKE_DATABASE_URL="$("$PY" - "$TMWS_TEST_DATABASE_URL" "$SMOKE_DB" <<'PY'
 import sys
 from urllib.parse import urlsplit, urlunsplit
@@ -103,11 +101,18 @@ print(urlunsplit((u.scheme, u.netloc, "/" + sys.argv[2], u.query, "")))
 PY
 )"
 
+if [[ -z "${TMWS_SECRET_KEY:-}" ]]; then
+  command -v openssl >/dev/null || die "openssl is needed to generate TMWS_SECRET_KEY"
+  TMWS_SECRET_KEY="$(openssl rand -hex 32)"
+  export TMWS_SECRET_KEY
+fi
+
 # Prints the service's environment as NUL-separated KEY=VALUE, after the overrides below.
 "$PY" - "$ENV_SOURCE" tmws \
   "TMWS_GRPC_ADDR=127.0.0.1:$GRPC_PORT" \
   "TMWS_DATABASE_URL=$SMOKE_DATABASE_URL" \
   "TMWS_REDIS_URL=$TMWS_TEST_REDIS_URL" \
+  "TMWS_METRICS_ADDR=127.0.0.1:$METRICS_PORT" \
   "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$CLOSED_PORT" >"$WORK/env" <<'PY'
 import os
 import re
@@ -294,6 +299,19 @@ PY
   die "logs: $logcheck"
 fi
 say "ok   logs: $logcheck JSON lines on stdout/stderr"
+
+# --- 6b. metrics ----------------------------------------------------------------------------------
+if ! metrics="$("$PY" - "$METRICS_PORT" <<'PY' 2>&1
+import sys, urllib.request
+body = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
+if "# TYPE tmws_rpc_requests_total counter" not in body:
+    sys.exit("no tmws_rpc_requests_total in /metrics")
+print(len(body.splitlines()))
+PY
+)"; then
+  die "metrics: $metrics"
+fi
+say "ok   metrics: GET /metrics answered $metrics lines of Prometheus text"
 
 # --- 7. SIGTERM drain ----------------------------------------------------------------------------
 start_ns="$(date +%s%N)"
