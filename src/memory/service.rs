@@ -20,7 +20,7 @@ use crate::{
     auth::{Principal, RequestContext},
     config::MemoryConfig,
     embed::{EmbedError, Embedder},
-    error::{Error, FieldViolation, Result},
+    error::{Error, Result, Violations},
     page_token::PageTokens,
     store::MemoryStore,
 };
@@ -89,19 +89,6 @@ pub struct SearchOutcome {
     pub hits: Vec<SearchHit>,
     pub mode: SearchMode,
     pub embedding_model: String,
-}
-
-/// Collects field violations so a caller learns every problem at once.
-#[derive(Default)]
-struct Violations(Vec<FieldViolation>);
-
-impl Violations {
-    fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
-        self.0.push(FieldViolation::new(field, description));
-    }
-    fn into_result(self) -> Result<()> {
-        if self.0.is_empty() { Ok(()) } else { Err(Error::InvalidArgument(self.0)) }
-    }
 }
 
 /// Read counts waiting to be written in one statement.

@@ -493,7 +493,10 @@ async fn finish_attempt(
             .await?;
         }
     }
-    task_event(conn, id).await?;
+    // Only a run's tasks have an event log; a standalone task needs no re-read here.
+    if run.is_some() {
+        task_event(conn, id).await?;
+    }
     match run {
         Some(run) => advance_run(conn, run).await,
         None => advance_dependents(conn, id).await,
@@ -789,15 +792,7 @@ impl WorkflowStore for PgStore {
                  AND v.name = w.name AND v.delete_time IS NULL)",
             );
         }
-        if let Some((t, id)) = after {
-            qb.push(" AND (w.create_time, w.id) < (");
-            qb.push_bind(micros(t)?);
-            qb.push(", ");
-            qb.push_bind(id);
-            qb.push(")");
-        }
-        qb.push(" ORDER BY w.create_time DESC, w.id DESC LIMIT ");
-        qb.push_bind(limit as i64);
+        push_newest_first_page(&mut qb, "w", after, limit)?;
         let rows = qb.build().fetch_all(self.pool()).await?;
         rows.iter().map(workflow_from_row).collect()
     }
@@ -956,15 +951,7 @@ impl WorkflowStore for PgStore {
             qb.push(" AND r.create_time < ");
             qb.push_bind(t);
         }
-        if let Some((t, id)) = after {
-            qb.push(" AND (r.create_time, r.id) < (");
-            qb.push_bind(micros(t)?);
-            qb.push(", ");
-            qb.push_bind(id);
-            qb.push(")");
-        }
-        qb.push(" ORDER BY r.create_time DESC, r.id DESC LIMIT ");
-        qb.push_bind(limit as i64);
+        push_newest_first_page(&mut qb, "r", after, limit)?;
         let rows = qb.build().fetch_all(self.pool()).await?;
         rows.iter().map(run_from_row).collect()
     }
@@ -1141,15 +1128,7 @@ impl WorkflowStore for PgStore {
             qb.push(" AND t.priority >= ");
             qb.push_bind(p.as_i16());
         }
-        if let Some((t, id)) = after {
-            qb.push(" AND (t.create_time, t.id) < (");
-            qb.push_bind(micros(t)?);
-            qb.push(", ");
-            qb.push_bind(id);
-            qb.push(")");
-        }
-        qb.push(" ORDER BY t.create_time DESC, t.id DESC LIMIT ");
-        qb.push_bind(limit as i64);
+        push_newest_first_page(&mut qb, "t", after, limit)?;
         let rows = qb.build().fetch_all(self.pool()).await?;
         let mut tasks: Vec<Task> = rows.iter().map(|r| task_from_row(r).map(|t| t.task)).collect::<Result<_>>()?;
         let mut conn = self.pool().acquire().await?;
@@ -1216,7 +1195,9 @@ impl WorkflowStore for PgStore {
             .bind(worker)
             .execute(&mut *tx)
             .await?;
-            task_event(&mut tx, row.task.id).await?;
+            if row.task.run_id.is_some() {
+                task_event(&mut tx, row.task.id).await?;
+            }
             let token = row.lease_token.ok_or_else(|| Error::internal("claimed task has no lease token"))?;
             out.push((row.task.id, token));
         }
@@ -1451,6 +1432,25 @@ async fn worker_outcome(
     record_call(&mut tx, audit, &[id]).await?;
     tx.commit().await?;
     Ok(task)
+}
+
+/// Appends the keyset condition after `after`, newest first, and the LIMIT.
+fn push_newest_first_page(
+    qb: &mut QueryBuilder<'_, Postgres>,
+    alias: &str,
+    after: Option<PageKey>,
+    limit: usize,
+) -> Result<()> {
+    if let Some((t, id)) = after {
+        qb.push(format!(" AND ({alias}.create_time, {alias}.id) < ("));
+        qb.push_bind(micros(t)?);
+        qb.push(", ");
+        qb.push_bind(id);
+        qb.push(")");
+    }
+    qb.push(format!(" ORDER BY {alias}.create_time DESC, {alias}.id DESC LIMIT "));
+    qb.push_bind(limit as i64);
+    Ok(())
 }
 
 fn micros(t: i64) -> Result<DateTime<Utc>> {

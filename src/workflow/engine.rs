@@ -17,7 +17,7 @@ use super::{
 use crate::{
     auth::{Principal, RequestContext, Role},
     config::{WorkflowConfig, parse_duration_str},
-    error::{Error, FieldViolation, Result},
+    error::{Error, Result, Violations},
     memory::{
         AccessLevel, MemoryService,
         service::{Expiry, MemoryDraft},
@@ -80,18 +80,6 @@ pub struct TaskDraft {
 pub enum WatchItem {
     Snapshot(Box<Run>),
     Event(RunEvent),
-}
-
-#[derive(Default)]
-struct Violations(Vec<FieldViolation>);
-
-impl Violations {
-    fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
-        self.0.push(FieldViolation::new(field, description));
-    }
-    fn into_result(self) -> Result<()> {
-        if self.0.is_empty() { Ok(()) } else { Err(Error::InvalidArgument(self.0)) }
-    }
 }
 
 #[derive(Serialize)]
