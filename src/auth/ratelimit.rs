@@ -20,6 +20,7 @@ use std::{
     },
     time::{Duration, Instant},
 };
+use tracing::Instrument as _;
 
 use deadpool_redis::redis::{self, ErrorKind as RedisErrorKind};
 
@@ -158,7 +159,20 @@ impl RateLimiter {
         let interval = Duration::from_secs_f64(1.0 / rate.per_sec);
         let decision = match &self.inner.redis {
             None => Ok(self.check_local(agent, class, interval, rate.burst)),
-            Some(redis) => self.check_redis(redis, agent, class, interval, rate.burst).await,
+            Some(redis) => {
+                let span = tracing::debug_span!(
+                    "redis",
+                    otel.name = "EVALSHA rate-limit",
+                    otel.kind = "client",
+                    db.system = "redis",
+                    db.operation = "EVALSHA",
+                );
+                let result = self.check_redis(redis, agent, class, interval, rate.burst).instrument(span).await;
+                if result.is_err() {
+                    crate::telemetry::metrics::metrics().redis_error();
+                }
+                result
+            }
         };
         match decision {
             Ok(Decision::Allow) => Ok(()),

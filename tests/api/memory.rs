@@ -607,3 +607,17 @@ async fn list_filters_apply_inside_the_query() {
     assert_eq!(rows(&app).await, 13);
     app.stop().await.expect("stop");
 }
+
+#[tokio::test]
+async fn messages_over_the_size_limit_are_refused_before_decoding() {
+    let app = spawn_app_env(&[("TMWS_MAX_MESSAGE_BYTES", "16384")]).await;
+    let mut client = app.memory();
+    let status = client.create_memory(create(memory(&"x".repeat(20_000)))).await.expect_err("too large");
+    assert!(
+        matches!(status.code(), Code::ResourceExhausted | Code::OutOfRange),
+        "a message over TMWS_MAX_MESSAGE_BYTES: {status:?}"
+    );
+    assert_eq!(rows(&app).await, 0);
+    client.create_memory(create(memory(&"x".repeat(10_000)))).await.expect("under the limit");
+    app.stop().await.expect("stop");
+}

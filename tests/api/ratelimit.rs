@@ -118,10 +118,19 @@ async fn redis_stopped_mid_test_fail_open_allows_calls() {
     let s = m.list_memories(with_key(list(), &key)).await.unwrap_err();
     assert_eq!(s.code(), Code::ResourceExhausted, "limited while Redis is up");
 
+    let redis_errors = || {
+        let text = tmws::telemetry::metrics::metrics().render_prometheus();
+        text.lines()
+            .find_map(|l| l.strip_prefix("tmws_redis_errors_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let errors_before = redis_errors();
     proxy.cut().await;
     for _ in 0..5 {
         m.list_memories(with_key(list(), &key)).await.expect("fail-open: allowed while Redis is down");
     }
+    assert!(redis_errors() >= errors_before + 5, "each failed Redis call is counted in the metrics");
     assert_eq!(app.health_status("tmws.v1.MemoryService").await.unwrap(), ServingStatus::Serving);
 
     proxy.restore();
