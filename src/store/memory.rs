@@ -597,6 +597,25 @@ impl MemoryStore for PgStore {
         dim: usize,
         cap: u64,
     ) -> Result<u64> {
+        // The planner's estimate first: it reads no rows. Clearly below the cap, it decides (the
+        // exact path it leads to is always correct); otherwise the capped count below decides.
+        let mut qb =
+            QueryBuilder::<Postgres>::new("EXPLAIN (FORMAT JSON) SELECT 1 FROM memories m WHERE m.embedding_dim = ");
+        qb.push_bind(dim as i32);
+        qb.push(" AND m.embedding_model = ");
+        qb.push_bind(model);
+        qb.push(" AND m.namespace = ");
+        qb.push_bind(ns);
+        qb.push(" AND ");
+        push_visible(&mut qb, p, ns);
+        push_filter(&mut qb, filter);
+        let plan: sqlx::types::Json<serde_json::Value> = qb.build_query_scalar().fetch_one(self.pool()).await?;
+        if let Some(estimate) =
+            plan.0.get(0).and_then(|p| p.get("Plan")).and_then(|p| p.get("Plan Rows")).and_then(|r| r.as_f64())
+            && estimate * 4.0 < cap as f64
+        {
+            return Ok(estimate as u64);
+        }
         let mut qb =
             QueryBuilder::<Postgres>::new("SELECT count(*) FROM (SELECT 1 FROM memories m WHERE m.embedding_dim = ");
         qb.push_bind(dim as i32);
