@@ -35,6 +35,8 @@ use crate::{
 
 pub const NOTIFY_QUEUE: &str = "tmws_queue";
 pub const NOTIFY_RUN: &str = "tmws_run";
+/// The `tmws_queue` payload that wakes the engines: a server-side step became due.
+pub const ENGINE_WAKE: &str = "#engine";
 /// The worker id the engine leases server-side steps with.
 pub const ENGINE_WORKER: &str = "tmws-engine";
 
@@ -273,6 +275,12 @@ async fn task_event(conn: &mut PgConnection, task_id: Uuid) -> Result<()> {
     Ok(())
 }
 
+/// Wakes every replica's engine (a server-side step is due now).
+async fn wake_engines(conn: &mut PgConnection) -> Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)").bind(NOTIFY_QUEUE).bind(ENGINE_WAKE).execute(&mut *conn).await?;
+    Ok(())
+}
+
 async fn notify_queue(conn: &mut PgConnection, ns: &str, queue: &str) -> Result<()> {
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(NOTIFY_QUEUE)
@@ -300,6 +308,8 @@ async fn queue_task(conn: &mut PgConnection, row: &TaskRow, input: &Value) -> Re
     .await?;
     if row.task.kind == StepKind::Task {
         notify_queue(conn, &row.task.namespace, &row.task.queue).await?;
+    } else if wait_ms == 0 {
+        wake_engines(conn).await?;
     }
     task_event(conn, row.task.id).await
 }
@@ -908,11 +918,17 @@ impl WorkflowStore for PgStore {
         // Event log: the run starts, then each root task is queued.
         append_event(&mut tx, run_id, &EventPayload::RunStatus(RunStatus::Running)).await?;
         let mut queues = HashSet::new();
+        let mut engine_work = false;
         for s in steps.iter().filter(|s| s.depends_on.is_empty()) {
             task_event(&mut tx, ids[s.id.as_str()]).await?;
             if s.kind == StepKind::Task {
                 queues.insert(s.queue.clone());
+            } else {
+                engine_work = true;
             }
+        }
+        if engine_work {
+            wake_engines(&mut tx).await?;
         }
         for q in queues {
             notify_queue(&mut tx, &wf.namespace, &q).await?;

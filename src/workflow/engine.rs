@@ -27,7 +27,7 @@ use crate::{
         WorkflowStore,
         identity::AuditEvent,
         notify::{Notification, Notifier},
-        workflow::{PageKey, RunFilter, TaskFilter},
+        workflow::{ENGINE_WAKE, PageKey, RunFilter, TaskFilter},
     },
 };
 
@@ -844,6 +844,8 @@ impl WorkflowService {
     /// `stop` turns true.
     pub fn spawn_engine(&self, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
+        // Woken early when a server-side step becomes due on any replica (NOTIFY).
+        let mut notes = self.notifier.subscribe();
         tokio::spawn(async move {
             loop {
                 let busy = match this.tick().await {
@@ -859,9 +861,18 @@ impl WorkflowService {
                 if busy {
                     continue;
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(this.cfg.engine_tick) => {}
-                    _ = stop.changed() => break,
+                let tick = tokio::time::sleep(this.cfg.engine_tick);
+                tokio::pin!(tick);
+                loop {
+                    tokio::select! {
+                        _ = &mut tick => break,
+                        n = notes.recv() => match n {
+                            Ok(Notification::Queue(q)) if q == ENGINE_WAKE => break,
+                            Ok(_) => {}
+                            Err(_) => break,
+                        },
+                        _ = stop.changed() => return,
+                    }
                 }
             }
         })
