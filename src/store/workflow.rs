@@ -265,14 +265,16 @@ async fn append_event(conn: &mut PgConnection, run_id: Uuid, payload: &EventPayl
     Ok(())
 }
 
-async fn task_event(conn: &mut PgConnection, task_id: Uuid) -> Result<()> {
+/// Appends the task's current state to its run's event log (when it has a run) and returns the
+/// task, attempts included, so callers need not read it again.
+async fn task_event(conn: &mut PgConnection, task_id: Uuid) -> Result<Task> {
     let task = fetch_task(conn, task_id).await?;
     if let Some(run_id) = task.run_id {
-        let mut snapshot = task;
+        let mut snapshot = task.clone();
         snapshot.attempts.clear();
         append_event(conn, run_id, &EventPayload::Task(Box::new(snapshot))).await?;
     }
-    Ok(())
+    Ok(task)
 }
 
 /// Wakes every replica's engine (a server-side step is due now).
@@ -311,7 +313,7 @@ async fn queue_task(conn: &mut PgConnection, row: &TaskRow, input: &Value) -> Re
     } else if wait_ms == 0 {
         wake_engines(conn).await?;
     }
-    task_event(conn, row.task.id).await
+    task_event(conn, row.task.id).await.map(|_| ())
 }
 
 /// After a task of `run_id` became terminal (the caller holds the run row): unblocks or skips
@@ -528,7 +530,7 @@ async fn cancel_straggler(conn: &mut PgConnection, row: &TaskRow) -> Result<()> 
         .bind(row.task.id)
         .execute(&mut *conn)
         .await?;
-    task_event(conn, row.task.id).await
+    task_event(conn, row.task.id).await.map(|_| ())
 }
 
 /// Locks the run of a task (after the task row) when it has one.
@@ -1190,7 +1192,7 @@ impl WorkflowStore for PgStore {
         // Run tasks: take their runs in a fixed order; a run that ended meanwhile gets its task
         // cancelled instead of leased.
         claimed.sort_by_key(|t| (t.task.run_id, t.task.id));
-        let mut out = Vec::with_capacity(claimed.len());
+        let mut leased = Vec::with_capacity(claimed.len());
         let mut locked_runs: HashMap<Uuid, Run> = HashMap::new();
         for row in claimed {
             if let Some(run_id) = row.task.run_id {
@@ -1211,15 +1213,14 @@ impl WorkflowStore for PgStore {
             .bind(worker)
             .execute(&mut *tx)
             .await?;
-            if row.task.run_id.is_some() {
-                task_event(&mut tx, row.task.id).await?;
-            }
+            // One read of the leased task serves both the run's event log and the answer.
+            let task = if row.task.run_id.is_some() {
+                task_event(&mut tx, row.task.id).await?
+            } else {
+                fetch_task(&mut tx, row.task.id).await?
+            };
             let token = row.lease_token.ok_or_else(|| Error::internal("claimed task has no lease token"))?;
-            out.push((row.task.id, token));
-        }
-        let mut leased = Vec::with_capacity(out.len());
-        for (id, token) in out {
-            leased.push(LeasedTask { task: fetch_task(&mut tx, id).await?, lease_token: token });
+            leased.push(LeasedTask { task, lease_token: token });
         }
         if !leased.is_empty() {
             let ids: Vec<Uuid> = leased.iter().map(|l| l.task.id).collect();
@@ -1375,9 +1376,8 @@ impl WorkflowStore for PgStore {
             .bind(ENGINE_WORKER)
             .execute(&mut *tx)
             .await?;
-            task_event(&mut tx, row.task.id).await?;
+            let task = task_event(&mut tx, row.task.id).await?;
             let token = row.lease_token.ok_or_else(|| Error::internal("leased step has no token"))?;
-            let task = fetch_task(&mut tx, row.task.id).await?;
             out.push(ServerStep {
                 leased: LeasedTask { task, lease_token: token },
                 config: row.config.clone(),
