@@ -212,6 +212,17 @@ fn check_etag(expected: Option<i64>, actual: i64) -> Result<()> {
     }
 }
 
+/// `SELECT <memory columns>[, m.embedding] FROM memories m WHERE `, ready for the conditions.
+fn select_memories<'a>(with_embedding: bool) -> QueryBuilder<'a, Postgres> {
+    let mut qb = QueryBuilder::<Postgres>::new("SELECT ");
+    qb.push(COLUMNS);
+    if with_embedding {
+        qb.push(", m.embedding");
+    }
+    qb.push(" FROM memories m WHERE ");
+    qb
+}
+
 async fn fetch_one_by_id(
     conn: &mut sqlx::PgConnection,
     p: &Principal,
@@ -219,12 +230,8 @@ async fn fetch_one_by_id(
     id: Uuid,
     with_embedding: bool,
 ) -> Result<Option<Memory>> {
-    let mut qb = QueryBuilder::<Postgres>::new("SELECT ");
-    qb.push(COLUMNS);
-    if with_embedding {
-        qb.push(", m.embedding");
-    }
-    qb.push(" FROM memories m WHERE m.id = ");
+    let mut qb = select_memories(with_embedding);
+    qb.push("m.id = ");
     qb.push_bind(id);
     qb.push(" AND ");
     push_visible(&mut qb, p, target_ns);
@@ -539,12 +546,8 @@ impl MemoryStore for PgStore {
         limit: usize,
         with_embedding: bool,
     ) -> Result<Vec<Memory>> {
-        let mut qb = QueryBuilder::<Postgres>::new("SELECT ");
-        qb.push(COLUMNS);
-        if with_embedding {
-            qb.push(", m.embedding");
-        }
-        qb.push(" FROM memories m WHERE m.namespace = ");
+        let mut qb = select_memories(with_embedding);
+        qb.push("m.namespace = ");
         qb.push_bind(ns);
         qb.push(" AND ");
         push_visible(&mut qb, p, ns);
