@@ -4,7 +4,7 @@
 //! configuration table mirrors it. An invalid value fails start-up with one line naming the
 //! variable ([`ConfigError`]).
 
-use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 /// One documented setting: name, default, description.
 pub struct Setting {
@@ -18,8 +18,13 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "TMWS_GRPC_ADDR", default: "127.0.0.1:50051", help: "Address the gRPC server listens on" },
     Setting {
         name: "TMWS_DATABASE_URL",
-        default: "postgres://postgres@127.0.0.1:5432/tmws (development only)",
-        help: "PostgreSQL URL (pgvector required); required outside development",
+        default: "(unset: embedded SQLite file in TMWS_DATA_DIR; development only)",
+        help: "postgres://... (PostgreSQL with pgvector; for replicas) or sqlite:PATH (embedded, one process); required outside development",
+    },
+    Setting {
+        name: "TMWS_DATA_DIR",
+        default: "./data",
+        help: "Directory of the embedded SQLite store (tmws.db) when TMWS_DATABASE_URL is unset; created if missing",
     },
     Setting {
         name: "TMWS_REDIS_URL",
@@ -467,6 +472,8 @@ impl std::error::Error for ConfigError {}
 pub struct Config {
     pub grpc_addr: SocketAddr,
     pub database_url: String,
+    /// Directory of the embedded store's default file.
+    pub data_dir: PathBuf,
     pub redis_url: Option<String>,
     pub redis_required: bool,
     pub environment: Environment,
@@ -534,9 +541,40 @@ pub fn redact_url(url: &str) -> String {
     url.to_string()
 }
 
-pub const DEV_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/tmws";
+/// Which backend a database URL selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseKind {
+    /// PostgreSQL with pgvector: the production path (replicas share it).
+    Postgres,
+    /// The embedded SQLite file: zero setup, one process owns it.
+    Sqlite,
+}
+
+impl DatabaseKind {
+    pub fn of(url: &str) -> Option<Self> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Self::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Some(Self::Sqlite)
+        } else {
+            None
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Postgres => "postgres",
+            Self::Sqlite => "sqlite",
+        }
+    }
+}
 
 impl Config {
+    /// The backend `database_url` selects (validated when the configuration was read).
+    pub fn database_kind(&self) -> DatabaseKind {
+        DatabaseKind::of(&self.database_url).unwrap_or(DatabaseKind::Postgres)
+    }
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name| std::env::var(name).ok())
@@ -555,13 +593,22 @@ impl Config {
 
         let grpc_addr = parse(&get, "TMWS_GRPC_ADDR", SocketAddr::from(([127, 0, 0, 1], 50051)))?;
 
+        let data_dir = PathBuf::from(get("TMWS_DATA_DIR").unwrap_or_else(|| "./data".to_string()));
         let database_url = match get("TMWS_DATABASE_URL") {
             Some(url) => url,
-            None if is_dev => DEV_DATABASE_URL.to_string(),
-            None => return Err(err("TMWS_DATABASE_URL", "required outside development")),
+            None if is_dev => format!("sqlite://{}", data_dir.join("tmws.db").display()),
+            None => {
+                return Err(err(
+                    "TMWS_DATABASE_URL",
+                    "required outside development (postgres://... or sqlite:PATH for the embedded store)",
+                ));
+            }
         };
-        if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
-            return Err(err("TMWS_DATABASE_URL", "expected a postgres:// or postgresql:// URL"));
+        if DatabaseKind::of(&database_url).is_none() {
+            return Err(err("TMWS_DATABASE_URL", "expected a postgres://, postgresql:// or sqlite: URL"));
+        }
+        if DatabaseKind::of(&database_url) == Some(DatabaseKind::Sqlite) && database_url.contains(":memory:") {
+            return Err(err("TMWS_DATABASE_URL", "an in-memory SQLite database keeps nothing; give a file path"));
         }
 
         let redis_url = get("TMWS_REDIS_URL");
@@ -740,6 +787,7 @@ impl Config {
         let config = Config {
             grpc_addr,
             database_url,
+            data_dir,
             redis_url,
             redis_required,
             environment,
@@ -923,8 +971,23 @@ mod tests {
         assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:50051");
         assert_eq!(c.environment, Environment::Development);
         assert!(!c.auth_enabled);
-        assert_eq!(c.database_url, DEV_DATABASE_URL);
+        assert_eq!(c.database_url, "sqlite://./data/tmws.db");
+        assert_eq!(c.database_kind(), DatabaseKind::Sqlite);
         assert_eq!(c.log_format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn database_url_selects_the_backend() {
+        let c = cfg(&[("TMWS_DATA_DIR", "/var/lib/tmws")]).expect("valid");
+        assert_eq!(c.database_url, "sqlite:///var/lib/tmws/tmws.db");
+        let c = cfg(&[("TMWS_DATABASE_URL", "postgres://h/db")]).expect("valid");
+        assert_eq!(c.database_kind(), DatabaseKind::Postgres);
+        let c = cfg(&[("TMWS_DATABASE_URL", "sqlite:other.db")]).expect("valid");
+        assert_eq!(c.database_kind(), DatabaseKind::Sqlite);
+        let e = cfg(&[("TMWS_DATABASE_URL", "sqlite::memory:")]).expect_err("in-memory");
+        assert_eq!(e.variable, "TMWS_DATABASE_URL");
+        let e = cfg(&[("TMWS_ENVIRONMENT", "production")]).expect_err("production needs a URL");
+        assert_eq!(e.variable, "TMWS_DATABASE_URL");
     }
 
     #[test]

@@ -116,7 +116,9 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => {
             // 57P01 admin_shutdown, 57P03 cannot_connect_now, 53300 too_many_connections,
             // 08xxx connection exceptions, 40001/40P01 serialization/deadlock (retryable).
+            // SQLite: 5 SQLITE_BUSY (and its extended 261/517), 6 SQLITE_LOCKED.
             matches!(db.code().as_deref(), Some(c) if c.starts_with("08") || c.starts_with("57P") || c == "53300" || c == "40001" || c == "40P01")
+                || matches!(db.code().as_deref(), Some("5" | "6" | "261" | "517"))
         }
         _ => false,
     }

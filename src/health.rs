@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::{sync::watch, task::JoinHandle};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::store::{PgStore, RedisStore};
+use crate::store::{Db, RedisStore};
 
 /// The public services whose health is reported.
 pub const PUBLIC_SERVICES: &[&str] = &["tmws.v1.MemoryService", "tmws.v1.WorkflowService", "tmws.v1.AgentService"];
@@ -32,7 +32,7 @@ impl DependencyState {
 
 pub struct HealthWatcher {
     pub reporter: HealthReporter,
-    pub pg: PgStore,
+    pub db: Db,
     pub redis: Option<RedisStore>,
     pub redis_required: bool,
     pub interval: Duration,
@@ -42,8 +42,7 @@ pub struct HealthWatcher {
 impl HealthWatcher {
     /// Probes once and publishes the result; returns what it saw.
     pub async fn check_once(&self) -> DependencyState {
-        let pg = self.pg.clone();
-        let postgres = matches!(tokio::time::timeout(self.timeout, pg.ping()).await, Ok(Ok(())));
+        let postgres = matches!(tokio::time::timeout(self.timeout, self.db.ping()).await, Ok(Ok(())));
         let redis = match &self.redis {
             None => None,
             Some(r) => Some(matches!(tokio::time::timeout(self.timeout, r.ping()).await, Ok(Ok(())))),

@@ -5,9 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tmws::{
     config::{Config, settings_help},
-    server,
-    store::{PgStore, postgres::ensure_database},
-    telemetry,
+    server, store, telemetry,
 };
 
 #[derive(Parser)]
@@ -82,11 +80,7 @@ fn main() -> ExitCode {
                 server::serve(config, listener, shutdown).await
             }
             Command::Agents(cmd) => {
-                ensure_database(&config.database_url).await?;
-                let store = PgStore::connect(&config).await?;
-                if config.auto_migrate {
-                    store.migrate().await?;
-                }
+                let store = store::open(&config, true, config.auto_migrate).await?;
                 let key = match cmd {
                     AgentsCommand::Create { namespace, role, id, display_name } => {
                         let (agent, key) =
@@ -107,9 +101,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Migrate => {
-                ensure_database(&config.database_url).await?;
-                let store = PgStore::connect(&config).await?;
-                store.migrate().await?;
+                let store = store::open(&config, true, true).await?;
                 store.close().await;
                 tracing::info!("migrations applied");
                 Ok(())

@@ -1,7 +1,7 @@
 //! The composition root: pools, stores, services, health, reflection, layers and shutdown.
 //! This is the only module that knows every part.
 
-use std::{future::Future, net::SocketAddr, pin::pin, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, pin::pin, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
@@ -19,8 +19,7 @@ use crate::{
         self, agent_service_server::AgentServiceServer, memory_service_server::MemoryServiceServer,
         workflow_service_server::WorkflowServiceServer,
     },
-    store::notify::Notifier,
-    store::{PgStore, RedisStore, postgres::ensure_database},
+    store::{self, Db, RedisStore},
     telemetry::{http::serve_metrics, layer::GrpcTelemetryLayer, metrics::metrics},
     workflow::WorkflowService,
 };
@@ -31,27 +30,23 @@ use crate::{
 pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let local_addr = listener.local_addr().context("listener address")?;
 
+    let db = store::open(&config, config.auto_migrate, config.auto_migrate).await?;
     if config.auto_migrate {
-        ensure_database(&config.database_url).await?;
-    }
-    let pg = PgStore::connect(&config).await?;
-    if config.auto_migrate {
-        pg.migrate().await?;
-        tracing::info!("database migrations applied");
+        tracing::info!(backend = db.kind().as_str(), "database migrations applied");
     }
     let redis = match &config.redis_url {
         Some(url) => Some(RedisStore::new(url, config.db_max_connections as usize, config.health_check_timeout)?),
         None => None,
     };
 
-    let security = Security::start(&config, &pg, redis.clone()).await?;
+    let security = Security::start(&config, &db, redis.clone()).await?;
     let tls = server_tls(&config.security.tls)?;
 
     let embedder = Embedder::from_config(&config.embedding)?;
-    let memory_service = MemoryService::new(Arc::new(pg.clone()), embedder, config.memory.clone()).await?;
-    let (notifier, listener_task) = Notifier::start(pg.pool()).await?;
+    let memory_service = MemoryService::new(db.clone(), embedder, config.memory.clone()).await?;
+    let (notifier, listener_task) = db.notifier().await?;
     let workflow_service = WorkflowService::new(
-        Arc::new(pg.clone()),
+        db.clone(),
         notifier,
         memory_service.clone(),
         config.workflow.clone(),
@@ -64,7 +59,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     reporter.set_service_status("", ServingStatus::Serving).await;
     let watcher = HealthWatcher {
         reporter: reporter.clone(),
-        pg: pg.clone(),
+        db: db.clone(),
         redis: redis.clone(),
         redis_required: Security::redis_required(&config),
         interval: config.health_check_interval,
@@ -123,7 +118,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         }
         None => None,
     };
-    let sampler_task = spawn_metrics_sampler(pg.clone(), config.metrics_sample_interval, stop_rx_metrics);
+    let sampler_task = spawn_metrics_sampler(db.clone(), config.metrics_sample_interval, stop_rx_metrics);
 
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
@@ -162,19 +157,17 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
             }
         }
     };
-    listener_task.abort();
+    if let Some(t) = listener_task {
+        t.abort();
+    }
     security.stop().await;
-    pg.close().await;
+    db.close().await;
     tracing::info!("tmws stopped");
     result
 }
 
 /// Refreshes the sampled gauges (pool, memories per namespace, queue depths) until `stop`.
-fn spawn_metrics_sampler(
-    pg: PgStore,
-    interval: Duration,
-    mut stop: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
+fn spawn_metrics_sampler(db: Db, interval: Duration, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -182,9 +175,9 @@ fn spawn_metrics_sampler(
             tokio::select! {
                 _ = tick.tick() => {
                     let m = metrics();
-                    let (size, idle, max) = pg.pool_stats();
+                    let (size, idle, max) = db.pool_stats();
                     m.set_pool(size, idle, max);
-                    match pg.sample_counts().await {
+                    match db.sample_counts().await {
                         Ok((memories, queues)) => {
                             m.set_memories(memories);
                             m.set_queue_depth(queues);

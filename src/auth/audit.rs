@@ -20,7 +20,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::store::{PgStore, identity::AuditEvent};
+use crate::store::{Db, identity::AuditEvent};
 
 const QUEUE: usize = 4096;
 const BATCH: usize = 256;
@@ -51,7 +51,7 @@ impl AuditSink {
     /// Starts the writer and the retention sweeper; they stop (after writing what is queued)
     /// when `stop` turns true.
     pub fn start(
-        pg: PgStore,
+        pg: Db,
         retention: Duration,
         sweep_interval: Duration,
         mut stop: watch::Receiver<bool>,
@@ -91,7 +91,7 @@ impl AuditSink {
     }
 }
 
-async fn write(pg: &PgStore, buf: &mut Vec<AuditEvent>) {
+async fn write(pg: &Db, buf: &mut Vec<AuditEvent>) {
     if buf.is_empty() {
         return;
     }
@@ -101,7 +101,7 @@ async fn write(pg: &PgStore, buf: &mut Vec<AuditEvent>) {
     buf.clear();
 }
 
-async fn sweep_once(pg: &PgStore, retention: Duration) {
+async fn sweep_once(pg: &Db, retention: Duration) {
     let Ok(age) = chrono::Duration::from_std(retention) else { return };
     let before = chrono::Utc::now() - age;
     let mut total = 0;

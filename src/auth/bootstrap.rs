@@ -6,13 +6,13 @@ use super::{Role, config::BootstrapAdmin, keys};
 use crate::{
     config::is_valid_identifier,
     store::{
-        PgStore,
+        Db,
         identity::{Agent, NewAgent, NewApiKey},
     },
 };
 
 /// Creates or updates the bootstrap admin and its key.
-pub async fn apply_bootstrap_admin(pg: &PgStore, b: &BootstrapAdmin) -> anyhow::Result<()> {
+pub async fn apply_bootstrap_admin(pg: &Db, b: &BootstrapAdmin) -> anyhow::Result<()> {
     let parsed = keys::parse(&b.key).ok_or_else(|| anyhow::anyhow!("TMWS_BOOTSTRAP_ADMIN_KEY is malformed"))?;
     pg.upsert_bootstrap_admin(&b.agent_id, &b.namespace, parsed.key_id, &keys::hash_secret(parsed.secret))
         .await
@@ -23,7 +23,7 @@ pub async fn apply_bootstrap_admin(pg: &PgStore, b: &BootstrapAdmin) -> anyhow::
 
 /// `tmws agents create`: a new agent and its first key (the full key is returned once).
 pub async fn create_agent(
-    pg: &PgStore,
+    pg: &Db,
     id: Option<String>,
     namespace: &str,
     role: &str,
@@ -50,7 +50,7 @@ pub async fn create_agent(
 }
 
 /// `tmws agents create-key`: a new key for an existing agent (e.g. a lost admin key).
-pub async fn issue_key(pg: &PgStore, agent_id: &str) -> anyhow::Result<String> {
+pub async fn issue_key(pg: &Db, agent_id: &str) -> anyhow::Result<String> {
     let new = keys::generate()?;
     pg.create_api_key(
         &NewApiKey {

@@ -21,7 +21,7 @@ use crate::{
     error::{Error, FieldViolation, Result},
     page_token::PageTokens,
     store::{
-        MemoryStore, PgStore,
+        Db,
         identity::{Agent, ApiKey, AuditEvent, AuditFilter, NewAgent, NewApiKey},
     },
 };
@@ -30,7 +30,7 @@ const MAX_DISPLAY_NAME: usize = 256;
 
 #[derive(Clone)]
 pub struct IdentityService {
-    pg: PgStore,
+    pg: Db,
     tokens: PageTokens,
     default_page_size: usize,
     max_page_size: usize,
@@ -44,7 +44,7 @@ struct PageQuery<'a, F: Serialize> {
 }
 
 impl IdentityService {
-    pub async fn new(pg: PgStore, default_page_size: usize, max_page_size: usize) -> anyhow::Result<Self> {
+    pub async fn new(pg: Db, default_page_size: usize, max_page_size: usize) -> anyhow::Result<Self> {
         // The page-token key shared by every replica (the same one the memory service uses).
         let key = pg
             .secret("page_token_key", &|| {

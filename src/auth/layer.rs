@@ -39,7 +39,7 @@ use crate::{
     auth::AgentStatus,
     config::{DevPrincipalConfig, is_valid_identifier},
     error::Error,
-    store::{PgStore, identity::AuditEvent},
+    store::{Db, identity::AuditEvent},
 };
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -136,7 +136,7 @@ enum Mode {
     /// Authentication off (development): the development principal.
     Development(DevPrincipalConfig),
     Enabled {
-        pg: PgStore,
+        pg: Db,
         jwt: Option<JwtVerifier>,
     },
 }
@@ -151,7 +151,7 @@ impl Authenticator {
         Self { mode: Mode::Development(dev) }
     }
 
-    pub fn enabled(pg: PgStore, jwt: Option<JwtVerifier>) -> Self {
+    pub fn enabled(pg: Db, jwt: Option<JwtVerifier>) -> Self {
         Self { mode: Mode::Enabled { pg, jwt } }
     }
 
@@ -201,7 +201,7 @@ impl Authenticator {
     }
 }
 
-async fn api_key_principal(pg: &PgStore, token: &str) -> Result<(Principal, Credential), AuthFailure> {
+async fn api_key_principal(pg: &Db, token: &str) -> Result<(Principal, Credential), AuthFailure> {
     let parsed = keys::parse(token).ok_or_else(|| AuthFailure::unauthenticated("malformed API key"))?;
     let invalid = || AuthFailure::unauthenticated("invalid API key").with_key(parsed.key_id);
     let found = pg.lookup_api_key(parsed.key_id).await.map_err(AuthFailure::unavailable)?.ok_or_else(invalid)?;

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     config::Config,
-    store::{PgStore, RedisStore},
+    store::{Db, RedisStore},
 };
 
 /// The layers every call passes, outermost first: load shedding, deadline, authentication
@@ -34,7 +34,7 @@ pub struct Security {
 
 impl Security {
     /// Applies `TMWS_BOOTSTRAP_ADMIN_KEY`, loads the JWT keys, and starts the audit writer.
-    pub async fn start(config: &Config, pg: &PgStore, redis: Option<RedisStore>) -> anyhow::Result<Self> {
+    pub async fn start(config: &Config, pg: &Db, redis: Option<RedisStore>) -> anyhow::Result<Self> {
         jwt::install_crypto_provider();
         let s = &config.security;
         let authenticator = if config.auth_enabled {

@@ -1,5 +1,6 @@
 //! Agents, API keys and the audit log in PostgreSQL.
 
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, QueryBuilder, Row, postgres::PgRow};
 use uuid::Uuid;
@@ -190,10 +191,67 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
 }
 
-impl PgStore {
+/// Agents, API keys and the audit log.
+#[async_trait]
+pub trait IdentityStore: Send + Sync + 'static {
     /// Creates an agent; a retry with the same `request_id` by the same creator returns the first
     /// result. ALREADY_EXISTS when the id is taken.
-    pub async fn create_agent(&self, new: &NewAgent, audit: Option<&AuditEvent>) -> Result<Agent> {
+    async fn create_agent(&self, new: &NewAgent, audit: Option<&AuditEvent>) -> Result<Agent>;
+    async fn get_agent(&self, id: &str) -> Result<Option<Agent>>;
+    /// One page of agents ordered by id, in one namespace or in all.
+    async fn list_agents(&self, namespace: Option<&str>, after: Option<&str>, limit: usize) -> Result<Vec<Agent>>;
+    /// Changes display name and/or status; ABORTED on a stale version, NOT_FOUND when absent.
+    async fn update_agent(
+        &self,
+        id: &str,
+        expected_version: Option<i64>,
+        display_name: Option<&str>,
+        status: Option<AgentStatus>,
+        audit: &AuditEvent,
+    ) -> Result<Agent>;
+    /// ALREADY_EXISTS when the id is taken, NOT_FOUND when the agent does not exist.
+    async fn create_api_key(&self, key: &NewApiKey, audit: Option<&AuditEvent>) -> Result<ApiKey>;
+    async fn get_api_key(&self, id: &str) -> Result<Option<ApiKey>>;
+    /// One page of an agent's keys, newest first (create_time DESC, id DESC); revoked ones only
+    /// when asked. `after` is the last (create_time, id) of the previous page.
+    async fn list_api_keys(
+        &self,
+        agent_id: &str,
+        include_revoked: bool,
+        after: Option<(DateTime<Utc>, &str)>,
+        limit: usize,
+    ) -> Result<Vec<ApiKey>>;
+    /// Revokes a key (idempotent: a revoked key keeps its first revoke time).
+    async fn revoke_api_key(&self, id: &str, audit: &AuditEvent) -> Result<ApiKey>;
+    /// The key with this id and its agent (no cache: revocation and suspension are effective at once).
+    async fn lookup_api_key(&self, key_id: &str) -> Result<Option<KeyLookup>>;
+    /// Creates or updates the bootstrap admin and its key (TMWS_BOOTSTRAP_ADMIN_KEY). Refuses a
+    /// key id that belongs to another agent.
+    async fn upsert_bootstrap_admin(
+        &self,
+        agent_id: &str,
+        namespace: &str,
+        key_id: &str,
+        secret_hash: &[u8],
+    ) -> Result<()>;
+    /// Appends audit rows outside any transaction (failed calls, authentication failures).
+    async fn insert_audit_events(&self, events: &[AuditEvent]) -> Result<()>;
+    /// One page of audit events, newest first (time DESC, id DESC).
+    async fn list_audit_events(
+        &self,
+        f: &AuditFilter,
+        after: Option<(DateTime<Utc>, Uuid)>,
+        limit: usize,
+    ) -> Result<Vec<AuditEvent>>;
+    /// Deletes up to `batch` audit rows older than `before`; returns how many.
+    async fn sweep_audit(&self, before: DateTime<Utc>, batch: usize) -> Result<u64>;
+}
+
+#[async_trait]
+impl IdentityStore for PgStore {
+    /// Creates an agent; a retry with the same `request_id` by the same creator returns the first
+    /// result. ALREADY_EXISTS when the id is taken.
+    async fn create_agent(&self, new: &NewAgent, audit: Option<&AuditEvent>) -> Result<Agent> {
         let mut tx = self.pool().begin().await?;
         let created_by = audit.and_then(|a| a.agent_id.clone());
         if let Some(rid) = &new.request_id {
@@ -232,14 +290,14 @@ impl PgStore {
         Ok(agent)
     }
 
-    pub async fn get_agent(&self, id: &str) -> Result<Option<Agent>> {
+    async fn get_agent(&self, id: &str) -> Result<Option<Agent>> {
         let q = format!("SELECT {AGENT_COLUMNS} FROM agents a WHERE a.id = $1");
         let row = sqlx::query(&q).bind(id).fetch_optional(self.pool()).await?;
         row.as_ref().map(agent_from_row).transpose()
     }
 
     /// One page of agents ordered by id, in one namespace or in all.
-    pub async fn list_agents(&self, namespace: Option<&str>, after: Option<&str>, limit: usize) -> Result<Vec<Agent>> {
+    async fn list_agents(&self, namespace: Option<&str>, after: Option<&str>, limit: usize) -> Result<Vec<Agent>> {
         let mut qb = QueryBuilder::<Postgres>::new("SELECT ");
         qb.push(AGENT_COLUMNS);
         qb.push(" FROM agents a WHERE true");
@@ -258,7 +316,7 @@ impl PgStore {
     }
 
     /// Changes display name and/or status; ABORTED on a stale version, NOT_FOUND when absent.
-    pub async fn update_agent(
+    async fn update_agent(
         &self,
         id: &str,
         expected_version: Option<i64>,
@@ -295,7 +353,7 @@ impl PgStore {
         Ok(agent)
     }
 
-    pub async fn create_api_key(&self, key: &NewApiKey, audit: Option<&AuditEvent>) -> Result<ApiKey> {
+    async fn create_api_key(&self, key: &NewApiKey, audit: Option<&AuditEvent>) -> Result<ApiKey> {
         let mut tx = self.pool().begin().await?;
         let q = format!(
             "INSERT INTO api_keys AS k (id, agent_id, secret_hash, display_name, scopes, expire_time, created_by) \
@@ -328,14 +386,14 @@ impl PgStore {
         Ok(out)
     }
 
-    pub async fn get_api_key(&self, id: &str) -> Result<Option<ApiKey>> {
+    async fn get_api_key(&self, id: &str) -> Result<Option<ApiKey>> {
         let q = format!("SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.id = $1");
         let row = sqlx::query(&q).bind(id).fetch_optional(self.pool()).await?;
         row.as_ref().map(key_from_row).transpose()
     }
 
     /// One page of an agent's keys, newest first; revoked ones only when asked.
-    pub async fn list_api_keys(
+    async fn list_api_keys(
         &self,
         agent_id: &str,
         include_revoked: bool,
@@ -363,7 +421,7 @@ impl PgStore {
     }
 
     /// Revokes a key (idempotent: a revoked key keeps its first revoke time).
-    pub async fn revoke_api_key(&self, id: &str, audit: &AuditEvent) -> Result<ApiKey> {
+    async fn revoke_api_key(&self, id: &str, audit: &AuditEvent) -> Result<ApiKey> {
         let mut tx = self.pool().begin().await?;
         let q = format!(
             "UPDATE api_keys AS k SET revoke_time = coalesce(k.revoke_time, clock_timestamp()) WHERE k.id = $1 RETURNING {KEY_COLUMNS}"
@@ -377,7 +435,7 @@ impl PgStore {
 
     /// The key with this id and its agent (one primary-key lookup, no cache: revocation and
     /// suspension are effective at once on every replica).
-    pub async fn lookup_api_key(&self, key_id: &str) -> Result<Option<KeyLookup>> {
+    async fn lookup_api_key(&self, key_id: &str) -> Result<Option<KeyLookup>> {
         let q = format!(
             "SELECT {KEY_COLUMNS}, k.secret_hash, {AGENT_COLUMNS} FROM api_keys k JOIN agents a ON a.id = k.agent_id WHERE k.id = $1"
         );
@@ -391,7 +449,7 @@ impl PgStore {
 
     /// Creates or updates the bootstrap admin and its key (TMWS_BOOTSTRAP_ADMIN_KEY). Refuses a
     /// key id that belongs to another agent.
-    pub async fn upsert_bootstrap_admin(
+    async fn upsert_bootstrap_admin(
         &self,
         agent_id: &str,
         namespace: &str,
@@ -444,7 +502,7 @@ impl PgStore {
     }
 
     /// Appends audit rows outside any transaction (failed calls, authentication failures).
-    pub async fn insert_audit_events(&self, events: &[AuditEvent]) -> Result<()> {
+    async fn insert_audit_events(&self, events: &[AuditEvent]) -> Result<()> {
         if events.is_empty() {
             return Ok(());
         }
@@ -468,7 +526,7 @@ impl PgStore {
     }
 
     /// One page of audit events, newest first.
-    pub async fn list_audit_events(
+    async fn list_audit_events(
         &self,
         f: &AuditFilter,
         after: Option<(DateTime<Utc>, Uuid)>,
@@ -511,7 +569,7 @@ impl PgStore {
     }
 
     /// Deletes up to `batch` audit rows older than `before`; returns how many.
-    pub async fn sweep_audit(&self, before: DateTime<Utc>, batch: usize) -> Result<u64> {
+    async fn sweep_audit(&self, before: DateTime<Utc>, batch: usize) -> Result<u64> {
         let n = sqlx::query(
             "DELETE FROM audit_events a USING (SELECT id FROM audit_events WHERE time < $1 LIMIT $2) old WHERE a.id = old.id",
         )

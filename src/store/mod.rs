@@ -5,18 +5,24 @@ pub mod memory;
 pub mod notify;
 pub mod postgres;
 pub mod redis;
+pub mod sqlite;
 pub mod workflow;
+
+use std::{collections::BTreeMap, sync::Arc};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+pub use identity::IdentityStore;
 pub use postgres::PgStore;
 pub use redis::RedisStore;
+pub use sqlite::SqliteStore;
 pub use workflow::WorkflowStore;
 
 use crate::{
     auth::{Principal, RequestContext},
+    config::{Config, DatabaseKind},
     error::Result,
     memory::{
         Cursor, Grant, Memory, MemoryFilter, MemoryPatch, MemoryStats, NewMemory, OrderBy, PruneCriteria, ScoredMemory,
@@ -136,4 +142,52 @@ pub trait MemoryStore: Send + Sync + 'static {
 
     /// Adds deferred read counts: (id, reads, last read time).
     async fn record_access(&self, counts: &[(Uuid, i64, DateTime<Utc>)]) -> Result<()>;
+}
+
+/// Stored memories per namespace, and queued tasks per (namespace, queue): sampled gauges.
+pub type Counts = (BTreeMap<String, i64>, BTreeMap<(String, String), i64>);
+
+/// One storage backend: PostgreSQL (+ pgvector), or the embedded SQLite file.
+#[async_trait]
+pub trait Backend: MemoryStore + WorkflowStore + IdentityStore {
+    /// `postgres` or `sqlite` (logs, health details).
+    fn kind(&self) -> DatabaseKind;
+    /// One round trip; used by the health watcher.
+    async fn ping(&self) -> Result<()>;
+    /// (connections, idle connections, maximum) of the pool.
+    fn pool_stats(&self) -> (u64, u64, u64);
+    /// Sampled gauges: stored memories per namespace and queued tasks per queue (at most 1000
+    /// label sets each, largest first).
+    async fn sample_counts(&self) -> Result<Counts>;
+    /// The wake-up channel of workflow changes (LISTEN/NOTIFY on PostgreSQL, in-process on
+    /// SQLite); the handle, when there is one, is the listening task.
+    async fn notifier(&self) -> anyhow::Result<(notify::Notifier, Option<tokio::task::JoinHandle<()>>)>;
+    async fn close(&self);
+}
+
+/// The shared handle to the configured backend.
+pub type Db = Arc<dyn Backend>;
+
+/// Opens the configured backend: creates the database (or file) when `create` is set, waits for
+/// it (PostgreSQL: up to TMWS_DB_STARTUP_TIMEOUT), and applies migrations when `migrate` is set.
+pub async fn open(config: &Config, create: bool, migrate: bool) -> anyhow::Result<Db> {
+    match config.database_kind() {
+        DatabaseKind::Postgres => {
+            if create {
+                postgres::ensure_database(&config.database_url).await?;
+            }
+            let pg = PgStore::connect(config).await?;
+            if migrate {
+                pg.migrate().await?;
+            }
+            Ok(Arc::new(pg))
+        }
+        DatabaseKind::Sqlite => {
+            let store = SqliteStore::open(config, create).await?;
+            if migrate {
+                store.migrate().await?;
+            }
+            Ok(Arc::new(store))
+        }
+    }
 }

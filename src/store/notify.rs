@@ -27,7 +27,7 @@ pub struct Notifier {
 
 impl Notifier {
     /// Starts listening on `tmws_queue` and `tmws_run`; the task ends when the handle is aborted.
-    pub async fn start(pool: &PgPool) -> anyhow::Result<(Self, JoinHandle<()>)> {
+    pub async fn listen(pool: &PgPool) -> anyhow::Result<(Self, JoinHandle<()>)> {
         let (tx, _) = broadcast::channel(1024);
         let mut listener = PgListener::connect_with(pool).await?;
         listener.listen_all([NOTIFY_QUEUE, NOTIFY_RUN]).await?;
@@ -54,6 +54,17 @@ impl Notifier {
             }
         });
         Ok((Self { tx }, handle))
+    }
+
+    /// A notifier fed in-process (the embedded store sends after each commit).
+    pub fn local() -> Self {
+        let (tx, _) = broadcast::channel(1024);
+        Self { tx }
+    }
+
+    /// Delivers `note` to every current subscriber (in-process backends).
+    pub fn send(&self, note: Notification) {
+        let _ = self.tx.send(note);
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Notification> {

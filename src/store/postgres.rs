@@ -8,7 +8,11 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
-use crate::config::Config;
+use async_trait::async_trait;
+use tokio::task::JoinHandle;
+
+use super::{Backend, Counts, notify::Notifier};
+use crate::config::{Config, DatabaseKind};
 
 /// The embedded Postgres migrations (`migrations/postgres`).
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -60,7 +64,7 @@ impl PgStore {
         let started = Instant::now();
         let mut delay = Duration::from_millis(100);
         loop {
-            match store.ping().await {
+            match store.ping_db().await {
                 Ok(()) => return Ok(store),
                 Err(e) if started.elapsed() >= config.db_startup_timeout => {
                     return Err(StoreInitError::Unreachable { waited: started.elapsed(), source: e });
@@ -78,8 +82,7 @@ impl PgStore {
         &self.pool
     }
 
-    /// One round trip; used by the health watcher.
-    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+    async fn ping_db(&self) -> Result<(), sqlx::Error> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
     }
 
@@ -96,19 +99,23 @@ impl PgStore {
         MIGRATOR.run(&self.pool).await?;
         Ok(())
     }
+}
 
-    /// (connections, idle connections, maximum) of the pool.
-    pub fn pool_stats(&self) -> (u64, u64, u64) {
+#[async_trait]
+impl Backend for PgStore {
+    fn kind(&self) -> DatabaseKind {
+        DatabaseKind::Postgres
+    }
+
+    async fn ping(&self) -> crate::error::Result<()> {
+        Ok(self.ping_db().await?)
+    }
+
+    fn pool_stats(&self) -> (u64, u64, u64) {
         (u64::from(self.pool.size()), self.pool.num_idle() as u64, u64::from(self.pool.options().get_max_connections()))
     }
 
-    /// Sampled gauges: stored memories per namespace and queued tasks per queue (at most 1000
-    /// label sets each, largest first).
-    #[allow(clippy::type_complexity)]
-    pub async fn sample_counts(
-        &self,
-    ) -> Result<(std::collections::BTreeMap<String, i64>, std::collections::BTreeMap<(String, String), i64>), sqlx::Error>
-    {
+    async fn sample_counts(&self) -> crate::error::Result<Counts> {
         let memories: Vec<(String, i64)> = sqlx::query_as(
             "SELECT namespace, count(*) FROM memories WHERE expire_time IS NULL OR expire_time > now() \
              GROUP BY namespace ORDER BY count(*) DESC LIMIT 1000",
@@ -124,7 +131,12 @@ impl PgStore {
         Ok((memories.into_iter().collect(), queues.into_iter().map(|(n, q, c)| ((n, q), c)).collect()))
     }
 
-    pub async fn close(&self) {
+    async fn notifier(&self) -> anyhow::Result<(Notifier, Option<JoinHandle<()>>)> {
+        let (n, task) = Notifier::listen(&self.pool).await?;
+        Ok((n, Some(task)))
+    }
+
+    async fn close(&self) {
         self.pool.close().await;
     }
 }

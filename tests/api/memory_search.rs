@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use crate::common::{fresh_database, spawn_secure, test_config, test_env};
 use crate::memory::{create, memory};
-use tmws::pb;
+use tmws::{pb, store::Backend};
 
 const DIM: usize = 32;
 const N: usize = 3000;
