@@ -54,7 +54,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "TMWS_DB_MAX_CONNECTIONS",
         default: "10",
-        help: "Maximum PostgreSQL connections per replica (1..=1000)",
+        help: "Maximum PostgreSQL connections per replica (1..=1000); on the embedded store, read connections (writes use one)",
     },
     Setting {
         name: "TMWS_DB_ACQUIRE_TIMEOUT",

@@ -26,6 +26,22 @@ enum Command {
     /// Manage agents directly in the database (bootstrap: the first admin and its key).
     #[command(subcommand)]
     Agents(AgentsCommand),
+    /// Write agents, API keys, memories, workflows and finished runs as JSON lines (to move from
+    /// the embedded store to PostgreSQL). The embedded store must not be in use by a server.
+    #[command(after_help = settings_help())]
+    Export {
+        /// Output file (default: standard output).
+        #[arg(long, short)]
+        output: Option<std::path::PathBuf>,
+    },
+    /// Read an export into the configured database, in one transaction; rows that already exist
+    /// are kept and counted as skipped.
+    #[command(after_help = settings_help())]
+    Import {
+        /// Input file (default: standard input).
+        #[arg(long, short)]
+        input: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -100,6 +116,41 @@ fn main() -> ExitCode {
                 println!("{key}");
                 Ok(())
             }
+            Command::Export { output } => {
+                let store = store::open(&config, false, config.auto_migrate).await?;
+                let mut out: Box<dyn std::io::Write + Send> = match &output {
+                    Some(path) => Box::new(std::io::BufWriter::new(create_private(path)?)),
+                    None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+                };
+                let counts = store::transfer::export(&store, &mut *out).await;
+                store.close().await;
+                let counts = counts?;
+                eprintln!("exported {}", summary(&counts.rows));
+                if counts.unfinished > 0 {
+                    eprintln!(
+                        "not exported: {} runs or standalone tasks still in progress (finish or cancel them, then export again)",
+                        counts.unfinished
+                    );
+                }
+                Ok(())
+            }
+            Command::Import { input } => {
+                let store = store::open(&config, true, config.auto_migrate).await?;
+                let reader: Box<dyn std::io::BufRead + Send> = match &input {
+                    Some(path) => Box::new(std::io::BufReader::new(
+                        std::fs::File::open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+                    )),
+                    None => Box::new(std::io::BufReader::new(std::io::stdin())),
+                };
+                let counts = store::transfer::import(&store, reader).await;
+                store.close().await;
+                let counts = counts?;
+                eprintln!("imported {}", summary(&counts.rows));
+                if !counts.skipped.is_empty() {
+                    eprintln!("already present (kept): {}", summary(&counts.skipped));
+                }
+                Ok(())
+            }
             Command::Migrate => {
                 let store = store::open(&config, true, true).await?;
                 store.close().await;
@@ -115,4 +166,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `table: n, ...` of the non-empty tables.
+fn summary(counts: &std::collections::BTreeMap<String, u64>) -> String {
+    let parts: Vec<String> = counts.iter().filter(|(_, n)| **n > 0).map(|(t, n)| format!("{t}: {n}")).collect();
+    if parts.is_empty() { "nothing".into() } else { parts.join(", ") }
+}
+
+/// Creates `path` readable by its owner only (an export holds API key hashes).
+fn create_private(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }

@@ -125,8 +125,7 @@ async fn traces_and_metrics_reach_the_collector_and_prometheus() {
     let db = common::fresh_database(&env).await;
     let metrics_addr = free_port();
     let addr_s = metrics_addr.to_string();
-    let app =
-        common::spawn_app_with(common::test_config(&db, Some(&env.redis_url), &[("TMWS_METRICS_ADDR", &addr_s)])).await;
+    let app = common::spawn_app_with(common::test_config(&db, env.redis(), &[("TMWS_METRICS_ADDR", &addr_s)])).await;
 
     // A call that continues a known trace.
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";

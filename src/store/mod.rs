@@ -6,6 +6,7 @@ pub mod notify;
 pub mod postgres;
 pub mod redis;
 pub mod sqlite;
+pub mod transfer;
 pub mod workflow;
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -163,6 +164,19 @@ pub trait Backend: MemoryStore + WorkflowStore + IdentityStore {
     /// SQLite); the handle, when there is one, is the listening task.
     async fn notifier(&self) -> anyhow::Result<(notify::Notifier, Option<tokio::task::JoinHandle<()>>)>;
     async fn close(&self);
+
+    /// Export: up to `limit` portable rows of `table` after skipping `offset`, in key order.
+    async fn export_rows(
+        &self,
+        table: &'static transfer::Table,
+        offset: u64,
+        limit: u64,
+    ) -> Result<Vec<serde_json::Map<String, serde_json::Value>>>;
+    /// Export: runs not in a final state plus unfinished standalone tasks (not exported).
+    async fn count_unfinished(&self) -> Result<u64>;
+    /// Import: inserts every row in one transaction (existing keys are skipped), then rebuilds
+    /// derived data.
+    async fn import_rows(&self, rows: transfer::RowStream) -> Result<transfer::Counts>;
 }
 
 /// The shared handle to the configured backend.

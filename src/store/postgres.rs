@@ -11,7 +11,7 @@ use sqlx::{
 use async_trait::async_trait;
 use tokio::task::JoinHandle;
 
-use super::{Backend, Counts, notify::Notifier};
+use super::{Backend, Counts, notify::Notifier, transfer};
 use crate::config::{Config, DatabaseKind};
 
 /// The embedded Postgres migrations (`migrations/postgres`).
@@ -138,6 +138,23 @@ impl Backend for PgStore {
 
     async fn close(&self) {
         self.pool.close().await;
+    }
+
+    async fn export_rows(
+        &self,
+        table: &'static transfer::Table,
+        offset: u64,
+        limit: u64,
+    ) -> crate::error::Result<Vec<serde_json::Map<String, serde_json::Value>>> {
+        transfer::postgres::export_rows(&self.pool, table, offset, limit).await
+    }
+
+    async fn count_unfinished(&self) -> crate::error::Result<u64> {
+        transfer::postgres::count_unfinished(&self.pool).await
+    }
+
+    async fn import_rows(&self, rows: transfer::RowStream) -> crate::error::Result<transfer::Counts> {
+        transfer::postgres::import_rows(&self.pool, rows).await
     }
 }
 

@@ -5,7 +5,8 @@ use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
 use crate::common::{
-    TcpProxy, fresh_database, socket_addr_of, spawn_app, spawn_app_with, test_config, test_env, with_host_port,
+    TcpProxy, fresh_database, postgres_env, socket_addr_of, spawn_app, spawn_app_with, test_config, test_env,
+    with_host_port,
 };
 
 const SERVICES: [&str; 3] = ["", "tmws.v1.MemoryService", "tmws.v1.WorkflowService"];
@@ -31,12 +32,13 @@ async fn unknown_service_is_not_found() {
 }
 
 #[tokio::test]
+#[ignore = "needs PostgreSQL and Redis"]
 async fn services_follow_postgres_through_an_outage() {
-    let env = test_env();
+    let env = postgres_env();
     let db = fresh_database(&env).await;
     let proxy = TcpProxy::start(socket_addr_of(&db)).await;
     let via_proxy = with_host_port(&db, proxy.addr);
-    let app = spawn_app_with(test_config(&via_proxy, Some(&env.redis_url), &[])).await;
+    let app = spawn_app_with(test_config(&via_proxy, env.redis(), &[])).await;
     for service in SERVICES {
         app.wait_for_status(service, ServingStatus::Serving, Duration::from_secs(5)).await;
     }
@@ -54,11 +56,12 @@ async fn services_follow_postgres_through_an_outage() {
 }
 
 #[tokio::test]
+#[ignore = "needs PostgreSQL and Redis"]
 async fn services_follow_redis_when_it_is_required() {
-    let env = test_env();
+    let env = postgres_env();
     let db = fresh_database(&env).await;
-    let proxy = TcpProxy::start(socket_addr_of(&env.redis_url)).await;
-    let redis_via_proxy = with_host_port(&env.redis_url, proxy.addr);
+    let proxy = TcpProxy::start(socket_addr_of(env.require_redis())).await;
+    let redis_via_proxy = with_host_port(env.require_redis(), proxy.addr);
     let app = spawn_app_with(test_config(&db, Some(&redis_via_proxy), &[("TMWS_REDIS_REQUIRED", "true")])).await;
     app.wait_for_status("tmws.v1.MemoryService", ServingStatus::Serving, Duration::from_secs(5)).await;
 
@@ -72,11 +75,12 @@ async fn services_follow_redis_when_it_is_required() {
 }
 
 #[tokio::test]
+#[ignore = "needs PostgreSQL and Redis"]
 async fn redis_outage_does_not_affect_services_that_do_not_require_it() {
-    let env = test_env();
+    let env = postgres_env();
     let db = fresh_database(&env).await;
-    let proxy = TcpProxy::start(socket_addr_of(&env.redis_url)).await;
-    let redis_via_proxy = with_host_port(&env.redis_url, proxy.addr);
+    let proxy = TcpProxy::start(socket_addr_of(env.require_redis())).await;
+    let redis_via_proxy = with_host_port(env.require_redis(), proxy.addr);
     let app = spawn_app_with(test_config(&db, Some(&redis_via_proxy), &[])).await;
     proxy.cut().await;
     // Several watcher rounds (200 ms each) with Redis unreachable.
@@ -89,7 +93,7 @@ async fn redis_outage_does_not_affect_services_that_do_not_require_it() {
 async fn shutdown_turns_health_not_serving_and_bounds_the_drain() {
     let env = test_env();
     let db = fresh_database(&env).await;
-    let app = spawn_app_with(test_config(&db, Some(&env.redis_url), &[("TMWS_SHUTDOWN_GRACE", "1s")])).await;
+    let app = spawn_app_with(test_config(&db, env.redis(), &[("TMWS_SHUTDOWN_GRACE", "1s")])).await;
     // A Watch stream is an in-flight call that never ends by itself.
     let mut watch = app
         .health()

@@ -64,7 +64,7 @@ async fn health_ok(channel: Channel) -> bool {
 async fn start(extra: &[(&str, &str)], admin_key: &str, tls: ClientTlsConfig) -> RunningServer {
     let env = test_env();
     let db = fresh_database(&env).await;
-    let server = RunningServer::start(auth_config(&db, Some(&env.redis_url), admin_key, extra)).await.expect("start");
+    let server = RunningServer::start(auth_config(&db, env.redis(), admin_key, extra)).await.expect("start");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(ch) = connect(server.addr, Some(tls.clone())).await

@@ -14,5 +14,6 @@ mod memory_embed;
 mod memory_search;
 mod ratelimit;
 mod reflection;
+mod transfer;
 mod workflow;
 mod workflow_replicas;

@@ -35,8 +35,7 @@ async fn count(app: &TestApp) -> i64 {
 
 /// Rows in the table, whoever owns them (straight from the database).
 async fn rows(app: &TestApp) -> i64 {
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&app.database_url).await.expect("db");
-    sqlx::query_scalar("SELECT count(*) FROM memories").fetch_one(&mut conn).await.expect("count")
+    crate::common::count_rows(&app.database_url, "memories").await
 }
 
 #[tokio::test]

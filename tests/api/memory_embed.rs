@@ -10,8 +10,7 @@ use crate::{
 use tmws::pb;
 
 async fn rows(url: &str) -> i64 {
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url).await.expect("db");
-    sqlx::query_scalar("SELECT count(*) FROM memories").fetch_one(&mut conn).await.expect("count")
+    crate::common::count_rows(url, "memories").await
 }
 
 #[tokio::test]

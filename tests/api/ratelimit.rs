@@ -8,7 +8,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::{
     common::{
-        TcpProxy, auth_config, embed_server::EmbedServer, fresh_database, random_api_key, socket_addr_of,
+        TcpProxy, auth_config, embed_server::EmbedServer, fresh_database, postgres_env, random_api_key, socket_addr_of,
         spawn_app_auth, spawn_app_with, test_env, with_host_port, with_key,
     },
     memory::{create, memory},
@@ -63,8 +63,9 @@ async fn a_flood_from_one_agent_leaves_another_unaffected() {
 }
 
 #[tokio::test]
+#[ignore = "needs PostgreSQL and Redis"]
 async fn two_replicas_share_one_agents_budget_through_redis() {
-    let env = test_env();
+    let env = postgres_env();
     let db = fresh_database(&env).await;
     let admin = random_api_key();
     let prefix = format!("tmws-test:{}:", uuid::Uuid::now_v7().simple());
@@ -73,9 +74,9 @@ async fn two_replicas_share_one_agents_budget_through_redis() {
         ("TMWS_RATE_LIMIT_READ_PER_SEC", "0.1"),
         ("TMWS_RATE_LIMIT_READ_BURST", "4"),
     ];
-    let mut one = spawn_app_with(auth_config(&db, Some(&env.redis_url), &admin, &settings)).await;
+    let mut one = spawn_app_with(auth_config(&db, env.redis(), &admin, &settings)).await;
     one.admin_key = admin.clone();
-    let two = spawn_app_with(auth_config(&db, Some(&env.redis_url), &admin, &settings)).await;
+    let two = spawn_app_with(auth_config(&db, env.redis(), &admin, &settings)).await;
     let key = one.create_agent("shared", "red", "agent").await;
 
     one.memory().list_memories(with_key(list(), &key)).await.expect("1st on replica one");
@@ -91,9 +92,9 @@ async fn two_replicas_share_one_agents_budget_through_redis() {
 }
 
 async fn app_behind_redis_proxy(fail_open: bool) -> (crate::common::TestApp, TcpProxy) {
-    let env = test_env();
-    let proxy = TcpProxy::start(socket_addr_of(&env.redis_url)).await;
-    let redis = with_host_port(&env.redis_url, proxy.addr);
+    let env = postgres_env();
+    let proxy = TcpProxy::start(socket_addr_of(env.require_redis())).await;
+    let redis = with_host_port(env.require_redis(), proxy.addr);
     let db = fresh_database(&env).await;
     let admin = random_api_key();
     let fail_open = if fail_open { "true" } else { "false" };
@@ -108,6 +109,7 @@ async fn app_behind_redis_proxy(fail_open: bool) -> (crate::common::TestApp, Tcp
 }
 
 #[tokio::test]
+#[ignore = "needs PostgreSQL and Redis"]
 async fn redis_stopped_mid_test_fail_open_allows_calls() {
     let (app, proxy) = app_behind_redis_proxy(true).await;
     let key = app.create_agent("alice", "red", "agent").await;
@@ -148,6 +150,7 @@ async fn redis_stopped_mid_test_fail_open_allows_calls() {
 }
 
 #[tokio::test]
+#[ignore = "needs PostgreSQL and Redis"]
 async fn redis_stopped_mid_test_fail_closed_refuses_calls() {
     let (app, proxy) = app_behind_redis_proxy(false).await;
     let key = app.create_agent("alice", "red", "agent").await;

@@ -10,7 +10,7 @@ use std::{
 use tokio_stream::StreamExt;
 
 use crate::{
-    common::{fresh_database, spawn_secure, test_env},
+    common::{fresh_database, postgres_env, spawn_secure, test_env},
     workflow::{FAST, claim, complete, spawn_worker, start, step, task, wait_for_end, workflow},
 };
 use tmws::{
@@ -46,8 +46,27 @@ async fn delay_steps_fire_after_their_duration_and_survive_a_restart() {
 }
 
 #[tokio::test]
+async fn a_second_process_on_the_embedded_file_is_refused() {
+    // Whatever the suite's backend: this is about the embedded file.
+    let db = format!("sqlite://{}", crate::common::temp_dir().join("tmws.db").display());
+    let one = spawn_secure(&db, &FAST).await;
+    let refused = tmws::server::RunningServer::start(crate::common::test_config(&db, None, &[]))
+        .await
+        .expect("bind")
+        .stop()
+        .await
+        .expect_err("a second owner of the file is refused");
+    assert!(refused.to_string().contains("in use by another tmws process"), "{refused:#}");
+    one.stop().await.expect("stop");
+    // Once the owner stopped, the file can be opened again.
+    let again = spawn_secure(&db, &FAST).await;
+    again.stop().await.expect("stop");
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL and Redis"]
 async fn two_replicas_share_the_queue_without_double_delivery() {
-    let env = test_env();
+    let env = postgres_env();
     let db = fresh_database(&env).await;
     let one = spawn_secure(&db, &FAST).await;
     let two = spawn_secure(&db, &FAST).await;
@@ -170,18 +189,15 @@ async fn a_killed_server_loses_nothing_and_completes_nothing_twice() {
     let ended = wait_for_end(&mut c, &run.id, Duration::from_secs(10)).await;
     assert_eq!(ended.status, pb::RunStatus::Succeeded as i32);
     assert_eq!(ended.steps.len(), 10);
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db).await.expect("db");
-    let per_task: Vec<i64> =
-        sqlx::query_scalar("SELECT count(*) FILTER (WHERE a.status = 4) FROM tasks t LEFT JOIN task_attempts a ON a.task_id = t.id GROUP BY t.id")
-            .fetch_all(&mut conn)
-            .await
-            .expect("counts");
+    let per_task = crate::common::query_i64s(
+        &db,
+        "SELECT (SELECT count(*) FROM task_attempts a WHERE a.task_id = t.id AND a.status = 4) FROM tasks t",
+    )
+    .await;
     assert_eq!(per_task, vec![1; 10], "every task recorded exactly one success");
-    let first: serde_json::Value = sqlx::query_scalar("SELECT output FROM tasks WHERE id = $1")
-        .bind(uuid::Uuid::parse_str(&held[0].task.as_ref().map(|t| t.id.clone()).unwrap_or_default()).expect("uuid"))
-        .fetch_one(&mut conn)
-        .await
-        .expect("output");
+    let first_id =
+        uuid::Uuid::parse_str(&held[0].task.as_ref().map(|t| t.id.clone()).unwrap_or_default()).expect("uuid");
+    let first = crate::common::json_column(&db, "tasks", "output", first_id).await;
     assert_eq!(first["n"].as_f64(), Some(0.0), "the first recorded output stands: {first}");
     app.stop().await.expect("stop");
 }

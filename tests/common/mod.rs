@@ -1,9 +1,8 @@
-//! Test harness: spawns the real server in-process on `127.0.0.1:0`, with its own freshly created
-//! and migrated PostgreSQL database (from `TMWS_TEST_DATABASE_URL`, an admin URL) and the Redis
-//! at `TMWS_TEST_REDIS_URL`, and hands out real tonic clients over TCP.
-//!
-//! Missing services are a failure, never a silent skip: run `scripts/dev-services.sh` (or
-//! `scripts/test.sh`, which does it for you).
+//! Test harness: spawns the real server in-process on `127.0.0.1:0`, on its own fresh store, and
+//! hands out real tonic clients over TCP. One suite, two backends: with `TMWS_TEST_DATABASE_URL`
+//! (an admin URL) and `TMWS_TEST_REDIS_URL` set, every test gets a freshly created PostgreSQL
+//! database and the Redis; without them, every test gets a fresh embedded SQLite file and no
+//! Redis. `scripts/test.sh` runs the suite both ways.
 #![allow(dead_code)]
 
 use std::{
@@ -35,19 +34,107 @@ use tonic::{
 };
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
-pub struct TestEnv {
-    pub admin_database_url: String,
-    pub redis_url: String,
+/// Which backend the suite runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestBackend {
+    /// The embedded store, one fresh file per test (no services needed).
+    Sqlite,
+    /// PostgreSQL + pgvector (a fresh database per test) and Redis.
+    Postgres,
 }
 
-/// Reads `TMWS_TEST_DATABASE_URL` and `TMWS_TEST_REDIS_URL`; panics (fails the test) if unset.
+pub struct TestEnv {
+    pub backend: TestBackend,
+    /// Admin URL of the PostgreSQL server (empty on SQLite).
+    pub admin_database_url: String,
+    pub redis_url: Option<String>,
+}
+
+impl TestEnv {
+    /// The Redis URL test servers use (none on the embedded backend).
+    pub fn redis(&self) -> Option<&str> {
+        self.redis_url.as_deref()
+    }
+
+    /// The Redis URL, for tests that exercise Redis itself (they are marked
+    /// `#[ignore = "needs PostgreSQL and Redis"]` and run by scripts/test.sh's second pass).
+    pub fn require_redis(&self) -> &str {
+        self.redis_url.as_deref().expect("this test needs TMWS_TEST_REDIS_URL (run it through scripts/test.sh)")
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.backend == TestBackend::Postgres
+    }
+}
+
+/// The backend under test: PostgreSQL + Redis when `TMWS_TEST_DATABASE_URL` is set (then
+/// `TMWS_TEST_REDIS_URL` must be set too), otherwise the embedded SQLite store.
 pub fn test_env() -> TestEnv {
-    let get = |name: &str| {
-        std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| {
-            panic!("{name} is not set: run the tests through scripts/test.sh, or run scripts/dev-services.sh and export the URLs it prints")
-        })
+    let get = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    match get("TMWS_TEST_DATABASE_URL") {
+        Some(url) => TestEnv {
+            backend: TestBackend::Postgres,
+            admin_database_url: url,
+            redis_url: Some(get("TMWS_TEST_REDIS_URL").unwrap_or_else(|| {
+                panic!("TMWS_TEST_DATABASE_URL is set but TMWS_TEST_REDIS_URL is not: run the tests through scripts/test.sh")
+            })),
+        },
+        None => TestEnv { backend: TestBackend::Sqlite, admin_database_url: String::new(), redis_url: None },
+    }
+}
+
+/// A test that only makes sense on PostgreSQL + Redis (outages through a proxy, replicas sharing
+/// one database, Redis-backed limits): fails loudly if the suite runs on the embedded store.
+/// Such tests carry `#[ignore = "needs PostgreSQL and Redis"]`; scripts/test.sh runs them in its
+/// PostgreSQL pass with `--include-ignored`.
+pub fn postgres_env() -> TestEnv {
+    let env = test_env();
+    assert!(env.is_postgres(), "this test needs TMWS_TEST_DATABASE_URL and TMWS_TEST_REDIS_URL (scripts/test.sh)");
+    env
+}
+
+/// Runs `sql` (portable between PostgreSQL and SQLite) straight on the database at `url` and
+/// returns its single integer column.
+pub async fn query_i64s(url: &str, sql: &str) -> Vec<i64> {
+    if url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(url).await.expect("open the SQLite file");
+        sqlx::query_scalar(sql).fetch_all(&mut conn).await.expect(sql)
+    } else {
+        let mut conn = PgConnection::connect(url).await.expect("connect to the test database");
+        sqlx::query_scalar(sql).fetch_all(&mut conn).await.expect(sql)
+    }
+}
+
+/// `SELECT count(*) FROM <table>` straight on the database.
+pub async fn count_rows(url: &str, table: &str) -> i64 {
+    query_i64s(url, &format!("SELECT count(*) FROM {table}")).await.first().copied().unwrap_or_default()
+}
+
+/// A JSON column of one row by id, straight from the database (`jsonb` on PostgreSQL, TEXT on SQLite).
+pub async fn json_column(url: &str, table: &str, column: &str, id: uuid::Uuid) -> serde_json::Value {
+    let text: String = if url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(url).await.expect("open the SQLite file");
+        sqlx::query_scalar(&format!("SELECT {column} FROM {table} WHERE id = ?1"))
+            .bind(id)
+            .fetch_one(&mut conn)
+            .await
+            .expect("json column")
+    } else {
+        let mut conn = PgConnection::connect(url).await.expect("connect to the test database");
+        sqlx::query_scalar(&format!("SELECT {column}::text FROM {table} WHERE id = $1"))
+            .bind(id)
+            .fetch_one(&mut conn)
+            .await
+            .expect("json column")
     };
-    TestEnv { admin_database_url: get("TMWS_TEST_DATABASE_URL"), redis_url: get("TMWS_TEST_REDIS_URL") }
+    serde_json::from_str(&text).expect("stored JSON")
+}
+
+/// A fresh directory under the system temp dir (left for the OS to clean; tests are short).
+pub fn temp_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tmws-test-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).expect("create a temp dir");
+    dir
 }
 
 /// Replaces the database name (the path) of a postgres URL.
@@ -76,9 +163,13 @@ pub fn with_host_port(url: &str, addr: SocketAddr) -> String {
     format!("{}{}{}{}", &url[..scheme_end], userinfo, addr, &rest[authority_end..])
 }
 
-/// Creates an empty database `tmws_test_<unix secs>_<random>` and returns its URL. Test
-/// databases older than two hours (left by earlier runs) are dropped along the way.
+/// A fresh, empty database for one test, as a TMWS_DATABASE_URL. On SQLite: a new file in a new
+/// temp dir. On PostgreSQL: a database `tmws_test_<unix secs>_<random>`; test databases older
+/// than two hours (left by earlier runs) are dropped along the way.
 pub async fn fresh_database(env: &TestEnv) -> String {
+    if env.backend == TestBackend::Sqlite {
+        return format!("sqlite://{}", temp_dir().join("tmws.db").display());
+    }
     let mut admin = PgConnection::connect(&env.admin_database_url).await.expect("connect to TMWS_TEST_DATABASE_URL");
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     let stale: Vec<String> = sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'tmws\\_test\\_%'")
@@ -244,7 +335,7 @@ impl TestApp {
 pub async fn spawn_app() -> TestApp {
     let env = test_env();
     let db = fresh_database(&env).await;
-    spawn_app_with(test_config(&db, Some(&env.redis_url), &[])).await
+    spawn_app_with(test_config(&db, env.redis(), &[])).await
 }
 
 /// The agents the memory and workflow suites act as: (id, namespace, role). Every
@@ -284,7 +375,7 @@ pub async fn spawn_app_env(overrides: &[(&str, &str)]) -> TestApp {
 pub async fn spawn_secure(db: &str, overrides: &[(&str, &str)]) -> TestApp {
     let env = test_env();
     let key = random_api_key();
-    let mut app = spawn_app_with(secure_config(db, Some(&env.redis_url), &key, overrides)).await;
+    let mut app = spawn_app_with(secure_config(db, env.redis(), &key, overrides)).await;
     app.admin_key = key;
     for (id, namespace, role) in ROSTER {
         let role = match *role {
@@ -357,7 +448,7 @@ pub async fn spawn_app_auth(overrides: &[(&str, &str)]) -> TestApp {
     let env = test_env();
     let db = fresh_database(&env).await;
     let key = random_api_key();
-    let mut app = spawn_app_with(auth_config(&db, Some(&env.redis_url), &key, overrides)).await;
+    let mut app = spawn_app_with(auth_config(&db, env.redis(), &key, overrides)).await;
     app.admin_key = key;
     app
 }

@@ -10,6 +10,7 @@
 
 pub mod identity;
 pub mod memory;
+pub mod transfer;
 pub mod vectors;
 pub mod workflow;
 
@@ -131,6 +132,15 @@ impl SqliteStore {
         &self.vectors
     }
 
+    /// Rebuilds data derived from imported rows (inside the import's transaction).
+    /// TODO(memory schema): full-text rows and tag rows of imported memories.
+    pub(crate) async fn after_import(&self, _tx: &mut sqlx::SqliteConnection) -> Result<()> {
+        Ok(())
+    }
+
+    /// Forgets cached vectors (they are reloaded on next use).
+    pub(crate) fn vectors_invalidate(&self) {}
+
     /// Wakes in-process waiters (WatchRun streams, workers' long polls, the engine). Call after
     /// the change is committed.
     pub(crate) fn notify(&self, note: Notification) {
@@ -218,5 +228,22 @@ impl Backend for SqliteStore {
     async fn close(&self) {
         self.writer.close().await;
         self.reader.close().await;
+    }
+
+    async fn export_rows(
+        &self,
+        table: &'static crate::store::transfer::Table,
+        offset: u64,
+        limit: u64,
+    ) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
+        self.export_table(table, offset, limit).await
+    }
+
+    async fn count_unfinished(&self) -> Result<u64> {
+        self.unfinished().await
+    }
+
+    async fn import_rows(&self, rows: crate::store::transfer::RowStream) -> Result<crate::store::transfer::Counts> {
+        self.import_table_rows(rows).await
     }
 }

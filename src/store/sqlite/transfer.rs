@@ -1,0 +1,156 @@
+//! The embedded store's side of export/import (see `store::transfer` for the format).
+
+use base64::Engine as _;
+use serde_json::{Map, Value};
+use sqlx::{Row, Sqlite, query::Query, sqlite::SqliteArguments, sqlite::SqliteRow};
+
+use super::{SqliteStore, from_micros, micros};
+use crate::{
+    error::{Error, Result},
+    store::transfer::{Column, Counts, Kind, RowStream, Table},
+};
+
+fn read(row: &SqliteRow, c: &Column) -> Result<Value> {
+    let i = c.name;
+    Ok(match c.kind {
+        Kind::Text => row.try_get::<Option<String>, _>(i)?.map(Value::String).unwrap_or(Value::Null),
+        Kind::Int => row.try_get::<Option<i64>, _>(i)?.map(Value::from).unwrap_or(Value::Null),
+        Kind::Float => row.try_get::<Option<f64>, _>(i)?.map(Value::from).unwrap_or(Value::Null),
+        Kind::Uuid => {
+            row.try_get::<Option<uuid::Uuid>, _>(i)?.map(|u| Value::String(u.to_string())).unwrap_or(Value::Null)
+        }
+        Kind::Time => match row.try_get::<Option<i64>, _>(i)? {
+            Some(us) => Value::String(from_micros(us)?.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+            None => Value::Null,
+        },
+        Kind::Json | Kind::TextList | Kind::UuidList => match row.try_get::<Option<String>, _>(i)? {
+            Some(text) => serde_json::from_str(&text).map_err(|e| Error::internal(format!("stored {i}: {e}")))?,
+            None => Value::Null,
+        },
+        Kind::Vector => match row.try_get::<Option<Vec<u8>>, _>(i)? {
+            Some(bytes) => Value::Array(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| Value::from(f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))))
+                    .collect(),
+            ),
+            None => Value::Null,
+        },
+        Kind::Bytes => row
+            .try_get::<Option<Vec<u8>>, _>(i)?
+            .map(|b| Value::String(base64::engine::general_purpose::STANDARD.encode(b)))
+            .unwrap_or(Value::Null),
+    })
+}
+
+fn bind<'q>(
+    q: Query<'q, Sqlite, SqliteArguments<'q>>,
+    t: &Table,
+    c: &Column,
+    v: Value,
+) -> Result<Query<'q, Sqlite, SqliteArguments<'q>>> {
+    let bad = |what: &str| Error::invalid(t.name, format!("{}: {what}", c.name));
+    if v.is_null() {
+        return Ok(match c.kind {
+            Kind::Int | Kind::Time => q.bind(None::<i64>),
+            Kind::Float => q.bind(None::<f64>),
+            Kind::Uuid | Kind::Vector | Kind::Bytes => q.bind(None::<Vec<u8>>),
+            _ => q.bind(None::<String>),
+        });
+    }
+    Ok(match c.kind {
+        Kind::Text => q.bind(v.as_str().ok_or_else(|| bad("expected a string"))?.to_string()),
+        Kind::Int => q.bind(v.as_i64().ok_or_else(|| bad("expected an integer"))?),
+        Kind::Float => q.bind(v.as_f64().ok_or_else(|| bad("expected a number"))?),
+        Kind::Uuid => {
+            q.bind(v.as_str().and_then(|s| uuid::Uuid::parse_str(s).ok()).ok_or_else(|| bad("expected a UUID string"))?)
+        }
+        Kind::Time => {
+            let s = v.as_str().ok_or_else(|| bad("expected an RFC 3339 time"))?;
+            let t = chrono::DateTime::parse_from_rfc3339(s).map_err(|_| bad("expected an RFC 3339 time"))?;
+            q.bind(micros(t.with_timezone(&chrono::Utc)))
+        }
+        Kind::Json => q.bind(v.to_string()),
+        Kind::TextList | Kind::UuidList => {
+            if !v.as_array().is_some_and(|a| a.iter().all(Value::is_string)) {
+                return Err(bad("expected an array of strings"));
+            }
+            q.bind(v.to_string())
+        }
+        Kind::Vector => {
+            let a = v.as_array().ok_or_else(|| bad("expected an array of numbers"))?;
+            let mut bytes = Vec::with_capacity(a.len() * 4);
+            for x in a {
+                let f = x.as_f64().ok_or_else(|| bad("expected an array of numbers"))? as f32;
+                bytes.extend_from_slice(&f.to_le_bytes());
+            }
+            q.bind(bytes)
+        }
+        Kind::Bytes => q.bind(
+            base64::engine::general_purpose::STANDARD
+                .decode(v.as_str().ok_or_else(|| bad("expected base64"))?)
+                .map_err(|_| bad("expected base64"))?,
+        ),
+    })
+}
+
+impl SqliteStore {
+    pub(crate) async fn export_table(&self, t: &Table, offset: u64, limit: u64) -> Result<Vec<Map<String, Value>>> {
+        let q = format!(
+            "SELECT {} FROM {} WHERE {} ORDER BY {} LIMIT ?1 OFFSET ?2",
+            t.column_list(),
+            t.name,
+            t.filter,
+            t.key.join(", ")
+        );
+        let rows = sqlx::query(&q).bind(limit as i64).bind(offset as i64).fetch_all(self.reader()).await?;
+        rows.iter()
+            .map(|row| {
+                let mut m = Map::new();
+                for c in t.columns {
+                    m.insert(c.name.to_string(), read(row, c)?);
+                }
+                Ok(m)
+            })
+            .collect()
+    }
+
+    pub(crate) async fn unfinished(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM runs WHERE status NOT IN (3, 4, 5, 6)) \
+             + (SELECT count(*) FROM tasks WHERE run_id IS NULL AND status NOT IN (4, 5, 6, 7))",
+        )
+        .fetch_one(self.reader())
+        .await?;
+        Ok(n as u64)
+    }
+
+    pub(crate) async fn import_table_rows(&self, mut rows: RowStream) -> Result<Counts> {
+        let mut counts = Counts::default();
+        let mut tx = self.writer().begin().await?;
+        while let Some(item) = rows.recv().await {
+            let (t, mut row) = item?;
+            let placeholders: Vec<String> = (1..=t.columns.len()).map(|i| format!("?{i}")).collect();
+            let sql =
+                format!("INSERT OR IGNORE INTO {} ({}) VALUES ({})", t.name, t.column_list(), placeholders.join(", "));
+            let mut q = sqlx::query(&sql);
+            for c in t.columns {
+                q = bind(q, t, c, row.remove(c.name).unwrap_or(Value::Null))?;
+            }
+            let done = q
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| match &e {
+                    sqlx::Error::Database(db) => Error::invalid(t.name, db.message().to_string()),
+                    _ => e.into(),
+                })?
+                .rows_affected();
+            let slot = if done == 1 { &mut counts.rows } else { &mut counts.skipped };
+            *slot.entry(t.name.to_string()).or_default() += 1;
+        }
+        self.after_import(&mut tx).await?;
+        tx.commit().await?;
+        self.vectors_invalidate();
+        Ok(counts)
+    }
+}
