@@ -70,13 +70,14 @@ pub struct ServerStep {
 pub type PageKey = (i64, Uuid);
 
 /// Why a worker's call on a task was refused.
-fn stale(id: Uuid) -> Error {
+pub(crate) fn stale(id: Uuid) -> Error {
     Error::FailedPrecondition(format!(
         "task {id}: the lease token is not current (expired, superseded or wrong); the task may have been handed to another worker"
     ))
 }
 
-fn aborted(id: Uuid) -> Error {
+/// Why a worker's call on a task of an ended run was refused.
+pub(crate) fn aborted(id: Uuid) -> Error {
     Error::Aborted(format!("task {id} was cancelled; stop working on it"))
 }
 
@@ -292,7 +293,8 @@ async fn notify_queue(conn: &mut PgConnection, ns: &str, queue: &str) -> Result<
     Ok(())
 }
 
-fn delay_ms(config: &Value) -> i64 {
+/// The wait of a DELAY step (`duration_ms`, filled in from `duration` when its run started).
+pub(crate) fn delay_ms(config: &Value) -> i64 {
     config.get("duration_ms").and_then(Value::as_i64).unwrap_or(0).max(0)
 }
 

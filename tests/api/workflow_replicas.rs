@@ -201,3 +201,44 @@ async fn a_killed_server_loses_nothing_and_completes_nothing_twice() {
     assert_eq!(first["n"].as_f64(), Some(0.0), "the first recorded output stands: {first}");
     app.stop().await.expect("stop");
 }
+
+#[tokio::test]
+async fn memories_survive_a_restart_and_are_found_by_search() {
+    let env = test_env();
+    let db = fresh_database(&env).await;
+    let app = spawn_secure(&db, &FAST).await;
+    let mut m = app.memory();
+    let created = m
+        .create_memory(pb::CreateMemoryRequest {
+            memory: Some(pb::Memory {
+                content: "the staging cluster rotates its certificates every Sunday".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("create")
+        .into_inner();
+    app.stop().await.expect("stop");
+
+    let app = spawn_secure(&db, &FAST).await;
+    let mut m = app.memory();
+    for mode in [pb::SearchMode::Semantic, pb::SearchMode::Keyword, pb::SearchMode::Hybrid] {
+        let found = m
+            .search_memories(pb::SearchMemoriesRequest {
+                query: "when are certificates rotated on staging".into(),
+                mode: mode as i32,
+                top_k: 3,
+                ..Default::default()
+            })
+            .await
+            .expect("search after the restart")
+            .into_inner();
+        assert_eq!(
+            found.results.first().and_then(|r| r.memory.as_ref()).map(|r| r.id.clone()),
+            Some(created.id.clone()),
+            "{mode:?}: {found:?}"
+        );
+    }
+    app.stop().await.expect("stop");
+}

@@ -67,8 +67,14 @@ impl SqliteStore {
         let base = SqliteConnectOptions::from_str(&config.database_url)
             .map_err(|e| anyhow::anyhow!("invalid TMWS_DATABASE_URL: {e}"))?;
         let path = base.get_filename().to_path_buf();
-        if create && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
+        if create && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            // Owner-only: the file holds API key hashes and every memory.
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            builder
+                .create(dir)
                 .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}", dir.display()))?;
         }
         if !create && !path.exists() {
