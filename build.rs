@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_protos(PROTOS, &["proto"])?;
 
     println!("cargo:rerun-if-changed=build.rs");
+    // sqlx::migrate! embeds these at compile time.
+    println!("cargo:rerun-if-changed=migrations");
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");
     }

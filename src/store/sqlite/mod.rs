@@ -138,14 +138,24 @@ impl SqliteStore {
         &self.vectors
     }
 
-    /// Rebuilds data derived from imported rows (inside the import's transaction).
-    /// TODO(memory schema): full-text rows and tag rows of imported memories.
-    pub(crate) async fn after_import(&self, _tx: &mut sqlx::SqliteConnection) -> Result<()> {
+    /// Rebuilds data derived from imported rows (inside the import's transaction). Tags and the
+    /// full-text index follow `memories` through triggers; the dependency edges of standalone
+    /// tasks are rebuilt here from `tasks.depends_on`.
+    pub(crate) async fn after_import(&self, tx: &mut sqlx::SqliteConnection) -> Result<()> {
+        sqlx::query(
+            "INSERT OR IGNORE INTO task_dependencies (parent_id, child_id) \
+             SELECT p.id, t.id FROM tasks t, json_each(t.depends_on) j \
+             JOIN tasks p ON p.id = unhex(replace(j.value, '-', '')) WHERE t.run_id IS NULL",
+        )
+        .execute(tx)
+        .await?;
         Ok(())
     }
 
     /// Forgets cached vectors (they are reloaded on next use).
-    pub(crate) fn vectors_invalidate(&self) {}
+    pub(crate) fn vectors_invalidate(&self) {
+        self.vectors.clear();
+    }
 
     /// Wakes in-process waiters (WatchRun streams, workers' long polls, the engine). Call after
     /// the change is committed.

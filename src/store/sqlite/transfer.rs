@@ -94,15 +94,58 @@ fn bind<'q>(
     })
 }
 
-impl SqliteStore {
-    pub(crate) async fn export_table(&self, t: &Table, offset: u64, limit: u64) -> Result<Vec<Map<String, Value>>> {
-        let q = format!(
+/// The SELECT of one exported table. Two tables differ from the portable columns: a memory's
+/// vector lives in `memory_vectors`, and grants address memories by their integer `seq`.
+fn export_select(t: &Table) -> String {
+    match t.name {
+        "memories" => {
+            let cols: Vec<String> = t
+                .columns
+                .iter()
+                .map(|c| if c.name == "embedding" { "v.embedding AS embedding".into() } else { format!("m.{}", c.name) })
+                .collect();
+            format!(
+                "SELECT {} FROM memories m LEFT JOIN memory_vectors v ON v.memory = m.seq ORDER BY m.id LIMIT ?1 OFFSET ?2",
+                cols.join(", ")
+            )
+        }
+        "memory_grants" => "SELECT m.id AS memory_id, g.agent_id, g.permission, g.expire_time, g.create_time \
+             FROM memory_grants g JOIN memories m ON m.seq = g.memory ORDER BY m.id, g.agent_id LIMIT ?1 OFFSET ?2"
+            .into(),
+        _ => format!(
             "SELECT {} FROM {} WHERE {} ORDER BY {} LIMIT ?1 OFFSET ?2",
             t.column_list(),
             t.name,
             t.filter,
             t.key.join(", ")
-        );
+        ),
+    }
+}
+
+/// The INSERT of one imported row (columns bound in `t.columns` order, except as noted).
+fn import_insert(t: &Table) -> String {
+    let placeholders = |n: usize| (1..=n).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+    match t.name {
+        // The vector is bound last, for the second statement (see `import_table_rows`).
+        "memories" => {
+            let cols: Vec<&str> = t.columns.iter().map(|c| c.name).filter(|n| *n != "embedding").collect();
+            format!("INSERT OR IGNORE INTO memories ({}) VALUES ({})", cols.join(", "), placeholders(cols.len()))
+        }
+        "memory_grants" => "INSERT OR IGNORE INTO memory_grants (memory, agent_id, permission, expire_time, create_time) \
+             VALUES ((SELECT seq FROM memories WHERE id = ?1), ?2, ?3, ?4, ?5)"
+            .into(),
+        _ => format!(
+            "INSERT OR IGNORE INTO {} ({}) VALUES ({})",
+            t.name,
+            t.column_list(),
+            placeholders(t.columns.len())
+        ),
+    }
+}
+
+impl SqliteStore {
+    pub(crate) async fn export_table(&self, t: &Table, offset: u64, limit: u64) -> Result<Vec<Map<String, Value>>> {
+        let q = export_select(t);
         let rows = sqlx::query(&q).bind(limit as i64).bind(offset as i64).fetch_all(self.reader()).await?;
         rows.iter()
             .map(|row| {
@@ -130,21 +173,33 @@ impl SqliteStore {
         let mut tx = self.writer().begin().await?;
         while let Some(item) = rows.recv().await {
             let (t, mut row) = item?;
-            let placeholders: Vec<String> = (1..=t.columns.len()).map(|i| format!("?{i}")).collect();
-            let sql =
-                format!("INSERT OR IGNORE INTO {} ({}) VALUES ({})", t.name, t.column_list(), placeholders.join(", "));
+            let sql = import_insert(t);
             let mut q = sqlx::query(&sql);
+            let memory_id = row.get("id").and_then(Value::as_str).and_then(|s| uuid::Uuid::parse_str(s).ok());
+            let mut vector = None;
             for c in t.columns {
-                q = bind(q, t, c, row.remove(c.name).unwrap_or(Value::Null))?;
+                let v = row.remove(c.name).unwrap_or(Value::Null);
+                if t.name == "memories" && c.name == "embedding" {
+                    vector = Some((c, v));
+                    continue;
+                }
+                q = bind(q, t, c, v)?;
             }
-            let done = q
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| match &e {
-                    sqlx::Error::Database(db) => Error::invalid(t.name, db.message().to_string()),
-                    _ => e.into(),
-                })?
-                .rows_affected();
+            let as_invalid = |e: sqlx::Error| match &e {
+                sqlx::Error::Database(db) => Error::invalid(t.name, db.message().to_string()),
+                _ => e.into(),
+            };
+            let done = q.execute(&mut *tx).await.map_err(as_invalid)?.rows_affected();
+            if done == 1
+                && let Some((c, v)) = vector.filter(|(_, v)| !v.is_null())
+            {
+                let id = memory_id.ok_or_else(|| Error::invalid(t.name, "id: expected a UUID string"))?;
+                let insert = sqlx::query(
+                    "INSERT INTO memory_vectors (memory, embedding) VALUES ((SELECT seq FROM memories WHERE id = ?1), ?2)",
+                )
+                .bind(id);
+                bind(insert, t, c, v)?.execute(&mut *tx).await.map_err(as_invalid)?;
+            }
             let slot = if done == 1 { &mut counts.rows } else { &mut counts.skipped };
             *slot.entry(t.name.to_string()).or_default() += 1;
         }
