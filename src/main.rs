@@ -96,7 +96,7 @@ fn main() -> ExitCode {
                 server::serve(config, listener, shutdown).await
             }
             Command::Agents(cmd) => {
-                let store = store::open(&config, true, config.auto_migrate).await?;
+                let store = store::open_shared(&config, true, config.auto_migrate).await?;
                 let key = match cmd {
                     AgentsCommand::Create { namespace, role, id, display_name } => {
                         let (agent, key) =

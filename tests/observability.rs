@@ -177,7 +177,8 @@ async fn traces_and_metrics_reach_the_collector_and_prometheus() {
     assert_eq!(attr(&server, "rpc.grpc.status_code"), Some(&Value::IntValue(0)));
     assert!(attr(&server, "network.peer.address").is_some());
     assert!(server.attributes.iter().all(|kv| !kv.key.contains("content")), "no request bodies in spans");
-    assert_eq!(attr(&db_span, "db.system"), Some(&Value::StringValue("postgresql".into())));
+    let system = if env.is_postgres() { "postgresql" } else { "sqlite" };
+    assert_eq!(attr(&db_span, "db.system"), Some(&Value::StringValue(system.into())));
     assert_eq!(attr(&db_span, "db.operation"), Some(&Value::StringValue("insert_memories".into())));
     assert_eq!(attr(&failed, "rpc.grpc.status_code"), Some(&Value::IntValue(3)), "the failure's code is recorded");
 

@@ -184,7 +184,19 @@ pub type Db = Arc<dyn Backend>;
 
 /// Opens the configured backend: creates the database (or file) when `create` is set, waits for
 /// it (PostgreSQL: up to TMWS_DB_STARTUP_TIMEOUT), and applies migrations when `migrate` is set.
+/// The embedded file is opened as its single owner (see [`open_shared`]).
 pub async fn open(config: &Config, create: bool, migrate: bool) -> anyhow::Result<Db> {
+    open_with(config, create, migrate, true).await
+}
+
+/// Like [`open`], but beside a running owner of the embedded file: for `tmws agents`, whose
+/// writes (agents, API keys) no server caches. SQLite serialises the
+/// writes of both processes.
+pub async fn open_shared(config: &Config, create: bool, migrate: bool) -> anyhow::Result<Db> {
+    open_with(config, create, migrate, false).await
+}
+
+async fn open_with(config: &Config, create: bool, migrate: bool, owner: bool) -> anyhow::Result<Db> {
     match config.database_kind() {
         DatabaseKind::Postgres => {
             if create {
@@ -197,7 +209,7 @@ pub async fn open(config: &Config, create: bool, migrate: bool) -> anyhow::Resul
             Ok(Arc::new(pg))
         }
         DatabaseKind::Sqlite => {
-            let store = SqliteStore::open(config, create).await?;
+            let store = SqliteStore::open_as(config, create, owner).await?;
             if migrate {
                 store.migrate().await?;
             }

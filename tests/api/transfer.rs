@@ -6,7 +6,7 @@ use std::{process::Stdio, time::Duration};
 use tokio::process::Command;
 
 use crate::{
-    common::{count_rows, fresh_database, spawn_secure, temp_dir, test_env, with_key},
+    common::{count_rows, fresh_database, query_i64s, spawn_secure, temp_dir, test_env, with_key},
     memory::{create, memory},
     workflow::{FAST, start, step, wait_for_end, workflow},
 };
@@ -39,11 +39,8 @@ async fn an_embedded_store_moves_to_another_database_with_nothing_lost() {
     let mut m = app.memory();
     let mut first = memory("the deploy checklist lives in the ops wiki");
     first.tags = vec!["ops".into(), "deploy".into()];
-    first.embedding = vec![1.0, 0.0, 0.0, 0.0];
     let first = m.create_memory(create(first)).await.expect("create").into_inner();
-    let mut second = memory("quarterly planning notes");
-    second.embedding = vec![0.0, 1.0, 0.0, 0.0];
-    let second = m.create_memory(create(second)).await.expect("create").into_inner();
+    let second = m.create_memory(create(memory("quarterly planning notes"))).await.expect("create").into_inner();
 
     // A workflow run to its end, and one left running (not exported).
     let mut w = app.workflow();
@@ -96,7 +93,7 @@ async fn an_embedded_store_moves_to_another_database_with_nothing_lost() {
     assert_eq!(got.create_time, first.create_time);
     let found = m
         .search_memories(pb::SearchMemoriesRequest {
-            query_embedding: vec![0.1, 0.9, 0.0, 0.0],
+            query: "notes from the quarterly planning".into(),
             mode: pb::SearchMode::Semantic as i32,
             top_k: 1,
             ..Default::default()
@@ -124,19 +121,23 @@ async fn an_embedded_store_moves_to_another_database_with_nothing_lost() {
         .into_inner();
     assert_eq!(run.status, pb::RunStatus::Succeeded as i32);
     assert_eq!(run.steps.len(), 2);
-    // Its event log moved with it: a watch from the start replays to the end.
+    // Its event log moved with it (and the unfinished run's did not).
+    let finished_events =
+        "SELECT count(*) FROM run_events WHERE run_id IN (SELECT id FROM runs WHERE status IN (3, 4, 5, 6))";
+    let source_events = query_i64s(&source, finished_events).await;
+    assert!(source_events[0] > 2, "{source_events:?}");
+    assert_eq!(query_i64s(&target, "SELECT count(*) FROM run_events").await, source_events);
+    assert_eq!(count_rows(&target, "runs").await, 1);
     let mut events = w
         .watch_run(pb::WatchRunRequest { id: done.id.clone(), ..Default::default() })
         .await
         .expect("watch the imported run")
         .into_inner();
-    let mut seen = 0;
-    while let Ok(Some(Ok(_))) =
-        tokio::time::timeout(Duration::from_secs(2), events.message()).await.map(|r| r.transpose())
-    {
-        seen += 1;
-    }
-    assert!(seen >= 2, "snapshot and events of the imported run: {seen}");
+    let first = events.message().await.expect("snapshot").expect("one message");
+    assert!(
+        matches!(first.event, Some(pb::run_event::Event::Snapshot(ref r)) if r.status == pb::RunStatus::Succeeded as i32),
+        "watch works on it: {first:?}"
+    );
     // The agent and its API key moved too.
     app.memory()
         .list_memories(with_key(pb::ListMemoriesRequest::default(), &agent_key))

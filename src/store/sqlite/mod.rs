@@ -56,14 +56,21 @@ pub struct SqliteStore {
     notifier: Notifier,
     vectors: Arc<vectors::VectorIndex>,
     path: PathBuf,
-    /// Held (exclusively locked) for as long as the store lives.
-    _owner: Arc<File>,
+    /// Held (exclusively locked) for as long as the store lives; None for administrative
+    /// commands beside a running server.
+    _owner: Option<Arc<File>>,
 }
 
 impl SqliteStore {
     /// Opens the file named by `config.database_url` (creating it and its directory when
     /// `create` is set) and takes the single-owner lock.
     pub async fn open(config: &Config, create: bool) -> anyhow::Result<Self> {
+        Self::open_as(config, create, true).await
+    }
+
+    /// `owner`: take the single-owner lock (servers, migrate, export, import). `tmws agents`,
+    /// which writes only what no server caches (agents, API keys), opens without it.
+    pub async fn open_as(config: &Config, create: bool, owner: bool) -> anyhow::Result<Self> {
         let base = SqliteConnectOptions::from_str(&config.database_url)
             .map_err(|e| anyhow::anyhow!("invalid TMWS_DATABASE_URL: {e}"))?;
         let path = base.get_filename().to_path_buf();
@@ -80,7 +87,7 @@ impl SqliteStore {
         if !create && !path.exists() {
             anyhow::bail!("the embedded store {} does not exist", path.display());
         }
-        let owner = take_owner_lock(&path)?;
+        let owner = if owner { Some(take_owner_lock(&path)?) } else { None };
         let base = base
             .create_if_missing(create)
             .journal_mode(SqliteJournalMode::Wal)
@@ -110,7 +117,7 @@ impl SqliteStore {
             notifier: Notifier::local(),
             vectors: Arc::new(vectors::VectorIndex::default()),
             path,
-            _owner: Arc::new(owner),
+            _owner: owner.map(Arc::new),
         })
     }
 

@@ -102,7 +102,9 @@ fn export_select(t: &Table) -> String {
             let cols: Vec<String> = t
                 .columns
                 .iter()
-                .map(|c| if c.name == "embedding" { "v.embedding AS embedding".into() } else { format!("m.{}", c.name) })
+                .map(
+                    |c| if c.name == "embedding" { "v.embedding AS embedding".into() } else { format!("m.{}", c.name) },
+                )
                 .collect();
             format!(
                 "SELECT {} FROM memories m LEFT JOIN memory_vectors v ON v.memory = m.seq ORDER BY m.id LIMIT ?1 OFFSET ?2",
@@ -131,15 +133,14 @@ fn import_insert(t: &Table) -> String {
             let cols: Vec<&str> = t.columns.iter().map(|c| c.name).filter(|n| *n != "embedding").collect();
             format!("INSERT OR IGNORE INTO memories ({}) VALUES ({})", cols.join(", "), placeholders(cols.len()))
         }
-        "memory_grants" => "INSERT OR IGNORE INTO memory_grants (memory, agent_id, permission, expire_time, create_time) \
+        "memory_grants" => {
+            "INSERT OR IGNORE INTO memory_grants (memory, agent_id, permission, expire_time, create_time) \
              VALUES ((SELECT seq FROM memories WHERE id = ?1), ?2, ?3, ?4, ?5)"
-            .into(),
-        _ => format!(
-            "INSERT OR IGNORE INTO {} ({}) VALUES ({})",
-            t.name,
-            t.column_list(),
-            placeholders(t.columns.len())
-        ),
+                .into()
+        }
+        _ => {
+            format!("INSERT OR IGNORE INTO {} ({}) VALUES ({})", t.name, t.column_list(), placeholders(t.columns.len()))
+        }
     }
 }
 
