@@ -95,7 +95,9 @@ impl SqliteStore {
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT)
             .pragma("temp_store", "memory")
-            .pragma("cache_size", "-65536");
+            // Page cache per connection (KiB when negative): the hot rows are the narrow
+            // `memories` columns and indexes; vectors are searched from the in-process cache.
+            .pragma("cache_size", "-8192");
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
