@@ -214,6 +214,31 @@ pub fn run_outcome(statuses: &[TaskStatus]) -> RunStatus {
     if statuses.contains(&TaskStatus::Failed) { RunStatus::Failed } else { RunStatus::Succeeded }
 }
 
+/// The end of a run whose tasks are all terminal: its status, its output (the outputs of its leaf
+/// steps, keyed by step id) and its error (every failed step's error). None while a task is still
+/// open (or when there are none).
+pub fn finished_run(tasks: &[&Task]) -> Option<(RunStatus, serde_json::Value, String)> {
+    if tasks.is_empty() || !tasks.iter().all(|t| t.status.is_terminal()) {
+        return None;
+    }
+    let statuses: Vec<TaskStatus> = tasks.iter().map(|t| t.status).collect();
+    let parents: std::collections::HashSet<uuid::Uuid> =
+        tasks.iter().flat_map(|t| t.depends_on.iter().copied()).collect();
+    let mut output = serde_json::Map::new();
+    for t in tasks.iter().filter(|t| !parents.contains(&t.id)) {
+        if let (Some(step), Some(o)) = (&t.step_id, &t.output) {
+            output.insert(step.clone(), o.clone());
+        }
+    }
+    let error = tasks
+        .iter()
+        .filter(|t| t.status == TaskStatus::Failed)
+        .map(|t| format!("step {}: {}", t.step_id.as_deref().unwrap_or("?"), t.error))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Some((run_outcome(&statuses), serde_json::Value::Object(output), error))
+}
+
 /// Names allowed for step ids, queues and workflow names.
 pub fn is_valid_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c))

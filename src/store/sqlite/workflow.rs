@@ -35,7 +35,7 @@ use crate::{
     telemetry::metrics::metrics,
     workflow::{
         Condition, Definition, EventPayload, LeasedTask, NewTask, Priority, RetryPolicy, Run, RunEvent, RunStatus,
-        StepKind, Task, TaskAttempt, TaskStatus, Workflow, condition_met, run_outcome,
+        StepKind, Task, TaskAttempt, TaskStatus, Workflow, condition_met, finished_run,
     },
 };
 
@@ -494,27 +494,12 @@ async fn advance_run(conn: &mut SqliteConnection, out: &mut Outbox, run: &Run) -
         if changed {
             continue;
         }
-        if !tasks.is_empty() && tasks.iter().all(|t| t.task.status.is_terminal()) {
-            let statuses: Vec<TaskStatus> = tasks.iter().map(|t| t.task.status).collect();
-            let outcome = run_outcome(&statuses);
-            // The run's output: the outputs of its leaf steps, keyed by step id.
-            let parents: HashSet<Uuid> = tasks.iter().flat_map(|t| t.task.depends_on.iter().copied()).collect();
-            let mut output = serde_json::Map::new();
-            for t in tasks.iter().filter(|t| !parents.contains(&t.task.id)) {
-                if let (Some(step), Some(o)) = (&t.task.step_id, &t.task.output) {
-                    output.insert(step.clone(), o.clone());
-                }
-            }
-            let error = tasks
-                .iter()
-                .filter(|t| t.task.status == TaskStatus::Failed)
-                .map(|t| format!("step {}: {}", t.task.step_id.as_deref().unwrap_or("?"), t.task.error))
-                .collect::<Vec<_>>()
-                .join("; ");
+        let all: Vec<&Task> = tasks.iter().map(|t| &t.task).collect();
+        if let Some((outcome, output, error)) = finished_run(&all) {
             sqlx::query("UPDATE runs SET status = ?2, output = ?3, error = ?4, end_time = ?5 WHERE id = ?1")
                 .bind(run.id)
                 .bind(outcome.as_i16())
-                .bind(Json(Value::Object(output)))
+                .bind(Json(output))
                 .bind(error)
                 .bind(now_micros())
                 .execute(&mut *conn)
