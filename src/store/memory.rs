@@ -202,7 +202,8 @@ async fn lock_for_write(
     }))
 }
 
-fn check_etag(expected: Option<i64>, actual: i64) -> Result<()> {
+/// ABORTED when the caller's expected version is not the stored one (both backends).
+pub(crate) fn check_etag(expected: Option<i64>, actual: i64) -> Result<()> {
     match expected {
         Some(v) if v != actual => Err(Error::Aborted(format!(
             "etag mismatch: the memory changed (now {}); re-read it and retry",

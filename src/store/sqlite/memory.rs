@@ -372,16 +372,6 @@ async fn check_for_write(
     }))
 }
 
-fn check_etag(expected: Option<i64>, actual: i64) -> Result<()> {
-    match expected {
-        Some(v) if v != actual => Err(Error::Aborted(format!(
-            "etag mismatch: the memory changed (now {}); re-read it and retry",
-            crate::memory::etag_of(actual)
-        ))),
-        _ => Ok(()),
-    }
-}
-
 /// `SELECT <memory columns>[, v.embedding] FROM memories m ... WHERE `, ready for the conditions.
 fn select_memories<'a>(with_embedding: bool) -> QueryBuilder<'a, Sqlite> {
     let mut qb = QueryBuilder::<Sqlite>::new("SELECT ");
@@ -865,7 +855,7 @@ impl MemoryStore for SqliteStore {
         if !check.may_write(p) {
             return Err(Error::PermissionDenied("you may read this memory but not change it".into()));
         }
-        check_etag(expected_version, check.version)?;
+        crate::store::memory::check_etag(expected_version, check.version)?;
         if patch.access_level == Some(AccessLevel::System) && !p.is_admin() {
             return Err(Error::PermissionDenied("only admins may make a memory SYSTEM".into()));
         }
@@ -977,7 +967,7 @@ impl MemoryStore for SqliteStore {
         if !check.may_write(p) {
             return Err(Error::PermissionDenied("you may read this memory but not delete it".into()));
         }
-        check_etag(expected_version, check.version)?;
+        crate::store::memory::check_etag(expected_version, check.version)?;
         let deleted_ns: String = sqlx::query_scalar("DELETE FROM memories WHERE seq = ?1 RETURNING namespace")
             .bind(check.seq)
             .fetch_one(&mut *tx)
@@ -1229,7 +1219,7 @@ impl MemoryStore for SqliteStore {
         if !(p.is_admin() || check.owner == p.agent_id) {
             return Err(Error::PermissionDenied("only the owner or an admin may share a memory".into()));
         }
-        check_etag(expected_version, check.version)?;
+        crate::store::memory::check_etag(expected_version, check.version)?;
         if !revoke.is_empty() {
             sqlx::query(
                 "DELETE FROM memory_grants WHERE memory = ?1 AND agent_id IN (SELECT value FROM json_each(?2))",
