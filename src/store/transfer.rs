@@ -65,12 +65,32 @@ const fn c(name: &'static str, kind: Kind) -> Column {
 
 use Kind::*;
 
-/// Final run states: succeeded 3, failed 4, cancelled 5, timed out 6.
-const FINAL_RUNS: &str = "status IN (3, 4, 5, 6)";
+/// Final run states: succeeded 3, failed 4, cancelled 5, timed out 6. (Macros, so the filters
+/// below are composed at compile time.)
+macro_rules! final_runs {
+    () => {
+        "status IN (3, 4, 5, 6)"
+    };
+}
 /// Exported tasks: those of exported runs, and finished standalone tasks (succeeded 4, failed 5,
 /// cancelled 6, skipped 7).
-const EXPORTED_TASKS: &str =
-    "(run_id IS NULL AND status IN (4, 5, 6, 7)) OR run_id IN (SELECT id FROM runs WHERE status IN (3, 4, 5, 6))";
+macro_rules! exported_tasks {
+    () => {
+        concat!(
+            "(run_id IS NULL AND status IN (4, 5, 6, 7)) OR run_id IN (SELECT id FROM runs WHERE ",
+            final_runs!(),
+            ")"
+        )
+    };
+}
+
+/// Runs not in a final state plus unfinished standalone tasks: what an export leaves out
+/// (portable SQL, valid on both backends).
+pub const COUNT_UNFINISHED: &str = concat!(
+    "SELECT (SELECT count(*) FROM runs WHERE NOT (",
+    final_runs!(),
+    ")) + (SELECT count(*) FROM tasks WHERE run_id IS NULL AND status NOT IN (4, 5, 6, 7))"
+);
 
 /// Every exported table, in an order that satisfies foreign keys on import.
 pub static TABLES: &[Table] = &[
@@ -187,7 +207,7 @@ pub static TABLES: &[Table] = &[
             c("trace_parent", Text),
         ],
         key: &["id"],
-        filter: FINAL_RUNS,
+        filter: final_runs!(),
     },
     Table {
         name: "tasks",
@@ -224,7 +244,7 @@ pub static TABLES: &[Table] = &[
             c("update_time", Time),
         ],
         key: &["id"],
-        filter: EXPORTED_TASKS,
+        filter: exported_tasks!(),
     },
     Table {
         name: "task_attempts",
@@ -238,13 +258,13 @@ pub static TABLES: &[Table] = &[
             c("error", Text),
         ],
         key: &["task_id", "attempt"],
-        filter: "task_id IN (SELECT id FROM tasks WHERE (run_id IS NULL AND status IN (4, 5, 6, 7)) OR run_id IN (SELECT id FROM runs WHERE status IN (3, 4, 5, 6)))",
+        filter: concat!("task_id IN (SELECT id FROM tasks WHERE ", exported_tasks!(), ")"),
     },
     Table {
         name: "run_events",
         columns: &[c("run_id", Uuid), c("sequence", Int), c("time", Time), c("payload", Json)],
         key: &["run_id", "sequence"],
-        filter: "run_id IN (SELECT id FROM runs WHERE status IN (3, 4, 5, 6))",
+        filter: concat!("run_id IN (SELECT id FROM runs WHERE ", final_runs!(), ")"),
     },
 ];
 
@@ -343,12 +363,7 @@ pub mod postgres {
     }
 
     pub async fn count_unfinished(pool: &PgPool) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT (SELECT count(*) FROM runs WHERE status NOT IN (3, 4, 5, 6)) \
-             + (SELECT count(*) FROM tasks WHERE run_id IS NULL AND status NOT IN (4, 5, 6, 7))",
-        )
-        .fetch_one(pool)
-        .await?;
+        let n: i64 = sqlx::query_scalar(super::COUNT_UNFINISHED).fetch_one(pool).await?;
         Ok(n as u64)
     }
 

@@ -160,12 +160,7 @@ impl SqliteStore {
     }
 
     pub(crate) async fn unfinished(&self) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT (SELECT count(*) FROM runs WHERE status NOT IN (3, 4, 5, 6)) \
-             + (SELECT count(*) FROM tasks WHERE run_id IS NULL AND status NOT IN (4, 5, 6, 7))",
-        )
-        .fetch_one(self.reader())
-        .await?;
+        let n: i64 = sqlx::query_scalar(crate::store::transfer::COUNT_UNFINISHED).fetch_one(self.reader()).await?;
         Ok(n as u64)
     }
 
