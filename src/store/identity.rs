@@ -138,6 +138,32 @@ pub async fn record_audit(conn: &mut PgConnection, event: &AuditEvent) -> Result
     Ok(())
 }
 
+/// Appends many audit events with multi-row INSERTs (inside the caller's transaction).
+pub async fn record_audits(conn: &mut PgConnection, events: &[AuditEvent]) -> Result<()> {
+    // 10 parameters per row; PostgreSQL allows 65,535 per statement.
+    for chunk in events.chunks(1000) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+            "INSERT INTO audit_events (id, time, agent_id, namespace, method, resource_id, code, peer, request_id, detail) ",
+        );
+        qb.push_values(chunk, |mut row, event| {
+            row.push_bind(event.id)
+                .push("coalesce(")
+                .push_bind_unseparated(event.time)
+                .push_unseparated(", clock_timestamp())")
+                .push_bind(&event.agent_id)
+                .push_bind(&event.namespace)
+                .push_bind(&event.method)
+                .push_bind(&event.resource_id)
+                .push_bind(&event.code)
+                .push_bind(&event.peer)
+                .push_bind(&event.request_id)
+                .push_bind(&event.detail);
+        });
+        qb.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
 const AGENT_COLUMNS: &str =
     "a.id, a.namespace, a.display_name, a.role, a.status, a.create_time, a.update_time, a.version";
 const KEY_COLUMNS: &str = "k.id AS key_id, k.agent_id, k.display_name AS key_display_name, k.scopes, k.create_time AS key_create_time, \

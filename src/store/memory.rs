@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::{
     MemoryStore, PgStore,
-    identity::{AuditEvent, record_audit},
+    identity::{AuditEvent, record_audit, record_audits},
 };
 use crate::{
     auth::{Principal, RequestContext},
@@ -26,7 +26,37 @@ use crate::{
 
 const COLUMNS: &str = "m.id, m.namespace, m.owner, m.content, m.summary, m.kind, m.tags, m.metadata, m.importance, \
      m.access_level, m.parent_id, m.embedding_model, m.embedding_dim, m.create_time, m.update_time, m.expire_time, \
-     m.access_count, m.last_access_time, m.version";
+     m.version";
+
+/// Rows per multi-row INSERT in a batch create (16 parameters each; PostgreSQL allows 65,535 per
+/// statement).
+const INSERT_ROWS_PER_STATEMENT: usize = 1000;
+
+/// Opens the outer query that adds to each memory what is stored beside its row: the read counts
+/// (`memory_access`) and the share grants. The inner query (after this, closed by
+/// [`close_extras`]) chooses the rows; the outer one looks up these for the returned rows only,
+/// in the same statement (no second round trip).
+const EXTRAS_OPEN: &str = "SELECT s.*, coalesce(a.access_count, 0) AS access_count, a.last_access_time, \
+     (SELECT json_agg(json_build_object('agent_id', g.agent_id, 'permission', g.permission, 'expire_time', g.expire_time) \
+     ORDER BY g.agent_id) FROM memory_grants g WHERE g.memory_id = s.id) AS grants FROM (";
+
+/// Closes [`EXTRAS_OPEN`]; `order` (on the inner query's columns as `s.<column>`) restates the
+/// inner order, which the join does not promise to keep.
+fn close_extras(qb: &mut QueryBuilder<'_, Postgres>, order: Option<&str>) {
+    qb.push(") s LEFT JOIN memory_access a ON a.memory_id = s.id");
+    if let Some(order) = order {
+        qb.push(" ORDER BY ");
+        qb.push(order);
+    }
+}
+
+/// A grant as [`EXTRAS_OPEN`] returns it.
+#[derive(serde::Deserialize)]
+struct StoredGrant {
+    agent_id: String,
+    permission: i16,
+    expire_time: Option<DateTime<Utc>>,
+}
 
 /// Appends the visibility rule for `p`: not expired, and owner, or TEAM in the caller's
 /// namespace, or PUBLIC/SYSTEM, or SHARED with an unexpired grant to the caller; admins also see
@@ -103,6 +133,20 @@ fn memory_from_row(row: &PgRow, with_embedding: bool) -> Result<Memory> {
     let metadata: sqlx::types::Json<serde_json::Value> = row.try_get("metadata")?;
     let embedding =
         if with_embedding { row.try_get::<Option<Vector>, _>("embedding")?.map(|v| v.to_vec()) } else { None };
+    let stored: Option<sqlx::types::Json<Vec<StoredGrant>>> = row.try_get("grants")?;
+    let grants = stored
+        .map(|g| g.0)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|g| {
+            Ok(Grant {
+                agent_id: g.agent_id,
+                permission: Permission::from_i16(g.permission)
+                    .ok_or_else(|| Error::internal(format!("stored permission {} is unknown", g.permission)))?,
+                expire_time: g.expire_time,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(Memory {
         id: row.try_get("id")?,
         namespace: row.try_get("namespace")?,
@@ -115,7 +159,7 @@ fn memory_from_row(row: &PgRow, with_embedding: bool) -> Result<Memory> {
         importance: row.try_get("importance")?,
         access_level: AccessLevel::from_i16(level)
             .ok_or_else(|| Error::internal(format!("stored access_level {level} is unknown")))?,
-        grants: Vec::new(),
+        grants,
         parent_id: row.try_get("parent_id")?,
         embedding_model: row.try_get("embedding_model")?,
         embedding_dim: row.try_get("embedding_dim")?,
@@ -127,39 +171,6 @@ fn memory_from_row(row: &PgRow, with_embedding: bool) -> Result<Memory> {
         last_access_time: row.try_get("last_access_time")?,
         version: row.try_get("version")?,
     })
-}
-
-/// Loads the grants of `memories` (one query) and attaches them.
-async fn attach_grants<'e, E>(exec: E, memories: &mut [Memory]) -> Result<()>
-where
-    E: sqlx::PgExecutor<'e>,
-{
-    let shared: Vec<Uuid> = memories.iter().map(|m| m.id).collect();
-    if shared.is_empty() {
-        return Ok(());
-    }
-    let rows = sqlx::query(
-        "SELECT memory_id, agent_id, permission, expire_time FROM memory_grants WHERE memory_id = ANY($1) ORDER BY agent_id",
-    )
-    .bind(&shared)
-    .fetch_all(exec)
-    .await?;
-    let mut by_memory: HashMap<Uuid, Vec<Grant>> = HashMap::new();
-    for row in rows {
-        let permission: i16 = row.try_get("permission")?;
-        by_memory.entry(row.try_get("memory_id")?).or_default().push(Grant {
-            agent_id: row.try_get("agent_id")?,
-            permission: Permission::from_i16(permission)
-                .ok_or_else(|| Error::internal(format!("stored permission {permission} is unknown")))?,
-            expire_time: row.try_get("expire_time")?,
-        });
-    }
-    for m in memories.iter_mut() {
-        if let Some(g) = by_memory.remove(&m.id) {
-            m.grants = g;
-        }
-    }
-    Ok(())
 }
 
 /// What the caller may do with one row, read under `FOR UPDATE`.
@@ -213,9 +224,11 @@ pub(crate) fn check_etag(expected: Option<i64>, actual: i64) -> Result<()> {
     }
 }
 
-/// `SELECT <memory columns>[, m.embedding] FROM memories m WHERE `, ready for the conditions.
+/// `<extras> SELECT <memory columns>[, m.embedding] FROM memories m WHERE `, ready for the
+/// conditions; the caller ends with [`close_extras`].
 fn select_memories<'a>(with_embedding: bool) -> QueryBuilder<'a, Postgres> {
-    let mut qb = QueryBuilder::<Postgres>::new("SELECT ");
+    let mut qb = QueryBuilder::<Postgres>::new(EXTRAS_OPEN);
+    qb.push("SELECT ");
     qb.push(COLUMNS);
     if with_embedding {
         qb.push(", m.embedding");
@@ -236,10 +249,9 @@ async fn fetch_one_by_id(
     qb.push_bind(id);
     qb.push(" AND ");
     push_visible(&mut qb, p, target_ns);
+    close_extras(&mut qb, None);
     let Some(row) = qb.build().fetch_optional(&mut *conn).await? else { return Ok(None) };
-    let mut memory = vec![memory_from_row(&row, with_embedding)?];
-    attach_grants(&mut *conn, &mut memory).await?;
-    Ok(memory.pop())
+    memory_from_row(&row, with_embedding).map(Some)
 }
 
 /// Appends the semantic-search statement (shared by search and by EXPLAIN in tests).
@@ -259,6 +271,7 @@ fn push_semantic_query<'a>(
     // The dimension is a configuration integer, written as a literal so the planner matches the
     // per-dimension partial expression index.
     let expr = format!("(m.embedding::vector({dim}) <=> ");
+    qb.push(EXTRAS_OPEN);
     qb.push("SELECT ");
     qb.push(COLUMNS);
     qb.push(format!(", m.embedding::vector({dim}) AS vec, "));
@@ -285,6 +298,8 @@ fn push_semantic_query<'a>(
     qb.push(if exact { ") + 0" } else { ")" });
     qb.push(" LIMIT ");
     qb.push_bind(k as i64);
+    // Iterative index scans in relaxed order may return neighbours slightly out of order.
+    close_extras(qb, Some("s.distance, s.id"));
 }
 
 impl PgStore {
@@ -341,64 +356,70 @@ impl MemoryStore for PgStore {
     #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "insert_memories"))]
     async fn insert_memories(&self, p: &Principal, items: Vec<NewMemory>, ctx: &RequestContext) -> Result<Vec<Memory>> {
         let mut tx = self.pool().begin().await?;
+        // A parent must be visible to the caller (ids are new, so no parent is in this batch).
+        for item in &items {
+            let Some(parent) = item.parent_id else { continue };
+            let mut qb = QueryBuilder::<Postgres>::new("SELECT 1 FROM memories m WHERE m.id = ");
+            qb.push_bind(parent);
+            qb.push(" AND ");
+            push_visible(&mut qb, p, &item.namespace);
+            if qb.build().fetch_optional(&mut *tx).await?.is_none() {
+                return Err(Error::invalid("memory.parent_id", "no such memory"));
+            }
+        }
+        // Multi-row INSERTs, in the order of the items.
+        let mut inserted: std::collections::HashSet<Uuid> = std::collections::HashSet::with_capacity(items.len());
+        for chunk in items.chunks(INSERT_ROWS_PER_STATEMENT) {
+            let mut qb = QueryBuilder::<Postgres>::new(
+                "INSERT INTO memories (id, namespace, owner, content, summary, kind, tags, metadata, importance, access_level, \
+                 parent_id, embedding_model, embedding_dim, embedding, expire_time, request_id, search_text) ",
+            );
+            qb.push_values(chunk, |mut row, item| {
+                row.push_bind(item.id)
+                    .push_bind(&item.namespace)
+                    .push_bind(&item.owner)
+                    .push_bind(&item.content)
+                    .push_bind(&item.summary)
+                    .push_bind(&item.kind)
+                    .push_bind(&item.tags)
+                    .push_bind(sqlx::types::Json(&item.metadata))
+                    .push_bind(item.importance)
+                    .push_bind(item.access_level.as_i16())
+                    .push_bind(item.parent_id)
+                    .push_bind(item.embedding.as_ref().and(item.embedding_model.as_deref()))
+                    .push_bind(item.embedding.as_ref().map(|v| v.len() as i32))
+                    .push_bind(item.embedding.as_ref().map(|v| Vector::from(v.clone())))
+                    .push_bind(item.expire_time)
+                    .push_bind(&item.request_id)
+                    .push("''::tsvector");
+            });
+            qb.push(" ON CONFLICT (namespace, owner, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING id");
+            let ids: Vec<Uuid> = qb.build_query_scalar().fetch_all(&mut *tx).await?;
+            inserted.extend(ids);
+        }
+        // Items whose request_id was used before (or earlier in this batch): the first result.
         let mut ids = Vec::with_capacity(items.len());
         for item in &items {
-            if let Some(parent) = item.parent_id {
-                let mut qb = QueryBuilder::<Postgres>::new("SELECT 1 FROM memories m WHERE m.id = ");
-                qb.push_bind(parent);
-                qb.push(" AND ");
-                push_visible(&mut qb, p, &item.namespace);
-                if qb.build().fetch_optional(&mut *tx).await?.is_none() {
-                    return Err(Error::invalid("memory.parent_id", "no such memory"));
-                }
+            if inserted.contains(&item.id) {
+                ids.push(item.id);
+                continue;
             }
-            let embedding = item.embedding.as_ref().map(|v| Vector::from(v.clone()));
-            let dim = item.embedding.as_ref().map(|v| v.len() as i32);
-            let inserted: Option<Uuid> = sqlx::query_scalar(
-                "INSERT INTO memories (id, namespace, owner, content, summary, kind, tags, metadata, importance, access_level, \
-                 parent_id, embedding_model, embedding_dim, embedding, expire_time, request_id, search_text) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, ''::tsvector) \
-                 ON CONFLICT (namespace, owner, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING id",
-            )
-            .bind(item.id)
-            .bind(&item.namespace)
-            .bind(&item.owner)
-            .bind(&item.content)
-            .bind(&item.summary)
-            .bind(&item.kind)
-            .bind(&item.tags)
-            .bind(sqlx::types::Json(&item.metadata))
-            .bind(item.importance)
-            .bind(item.access_level.as_i16())
-            .bind(item.parent_id)
-            .bind(item.embedding.as_ref().and(item.embedding_model.as_deref()))
-            .bind(dim)
-            .bind(embedding)
-            .bind(item.expire_time)
-            .bind(&item.request_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let id = match inserted {
-                Some(id) => id,
-                None => {
-                    // The same request_id was used before: return the first result.
-                    sqlx::query_scalar(
-                        "SELECT id FROM memories WHERE namespace = $1 AND owner = $2 AND request_id = $3",
-                    )
+            let id: Uuid =
+                sqlx::query_scalar("SELECT id FROM memories WHERE namespace = $1 AND owner = $2 AND request_id = $3")
                     .bind(&item.namespace)
                     .bind(&item.owner)
                     .bind(&item.request_id)
                     .fetch_one(&mut *tx)
-                    .await?
-                }
-            };
+                    .await?;
             ids.push(id);
         }
-        let mut qb = QueryBuilder::<Postgres>::new("SELECT ");
+        let mut qb = QueryBuilder::<Postgres>::new(EXTRAS_OPEN);
+        qb.push("SELECT ");
         qb.push(COLUMNS);
         qb.push(" FROM memories m WHERE m.id = ANY(");
         qb.push_bind(&ids);
         qb.push(")");
+        close_extras(&mut qb, None);
         let rows = qb.build().fetch_all(&mut *tx).await?;
         let mut by_id: HashMap<Uuid, Memory> = HashMap::new();
         for row in &rows {
@@ -409,10 +430,8 @@ impl MemoryStore for PgStore {
         for id in &ids {
             out.push(by_id.get(id).cloned().ok_or_else(|| Error::internal("inserted memory vanished"))?);
         }
-        attach_grants(&mut *tx, &mut out).await?;
-        for m in &out {
-            record_audit(&mut tx, &AuditEvent::ok(p, &m.namespace, ctx, m.id)).await?;
-        }
+        let events: Vec<AuditEvent> = out.iter().map(|m| AuditEvent::ok(p, &m.namespace, ctx, m.id)).collect();
+        record_audits(&mut tx, &events).await?;
         tx.commit().await?;
         Ok(out)
     }
@@ -578,17 +597,18 @@ impl MemoryStore for PgStore {
             (_, None) => {}
             _ => return Err(Error::invalid("page_token", "page token belongs to a different order")),
         }
-        qb.push(match order {
-            OrderBy::CreateTimeDesc => " ORDER BY m.create_time DESC, m.id DESC",
-            OrderBy::CreateTimeAsc => " ORDER BY m.create_time ASC, m.id ASC",
-            OrderBy::ImportanceDesc => " ORDER BY m.importance DESC, m.id DESC",
-        });
+        let (inner, outer) = match order {
+            OrderBy::CreateTimeDesc => ("m.create_time DESC, m.id DESC", "s.create_time DESC, s.id DESC"),
+            OrderBy::CreateTimeAsc => ("m.create_time ASC, m.id ASC", "s.create_time ASC, s.id ASC"),
+            OrderBy::ImportanceDesc => ("m.importance DESC, m.id DESC", "s.importance DESC, s.id DESC"),
+        };
+        qb.push(" ORDER BY ");
+        qb.push(inner);
         qb.push(" LIMIT ");
         qb.push_bind(limit as i64);
+        close_extras(&mut qb, Some(outer));
         let rows = qb.build().fetch_all(self.pool()).await?;
-        let mut out = rows.iter().map(|r| memory_from_row(r, with_embedding)).collect::<Result<Vec<_>>>()?;
-        attach_grants(self.pool(), &mut out).await?;
-        Ok(out)
+        rows.iter().map(|r| memory_from_row(r, with_embedding)).collect()
     }
 
     #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "count_matching"))]
@@ -665,13 +685,6 @@ impl MemoryStore for PgStore {
             }
             out.push(ScoredMemory { memory, score: 1.0 - distance, vector: Some(vec) });
         }
-        // Iterative index scans in relaxed order may return neighbours slightly out of order.
-        out.sort_by(|a, b| b.score.total_cmp(&a.score));
-        let mut memories: Vec<Memory> = out.iter().map(|s| s.memory.clone()).collect();
-        attach_grants(self.pool(), &mut memories).await?;
-        for (s, m) in out.iter_mut().zip(memories) {
-            s.memory = m;
-        }
         Ok(out)
     }
 
@@ -687,7 +700,8 @@ impl MemoryStore for PgStore {
         with_embedding: bool,
         dim: usize,
     ) -> Result<Vec<ScoredMemory>> {
-        let mut qb = QueryBuilder::<Postgres>::new("SELECT ");
+        let mut qb = QueryBuilder::<Postgres>::new(EXTRAS_OPEN);
+        qb.push("SELECT ");
         qb.push(COLUMNS);
         qb.push(format!(
             ", CASE WHEN m.embedding_dim = {dim} THEN m.embedding ELSE NULL END AS vec, ts_rank_cd(m.search_text, q) AS rank \
@@ -703,6 +717,7 @@ impl MemoryStore for PgStore {
         push_filter(&mut qb, filter);
         qb.push(" ORDER BY rank DESC, m.id DESC LIMIT ");
         qb.push_bind(k as i64);
+        close_extras(&mut qb, Some("s.rank DESC, s.id DESC"));
         let rows = qb.build().fetch_all(self.pool()).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -714,11 +729,6 @@ impl MemoryStore for PgStore {
                 memory.embedding = vec.clone();
             }
             out.push(ScoredMemory { memory, score: f64::from(rank), vector: vec });
-        }
-        let mut memories: Vec<Memory> = out.iter().map(|s| s.memory.clone()).collect();
-        attach_grants(self.pool(), &mut memories).await?;
-        for (s, m) in out.iter_mut().zip(memories) {
-            s.memory = m;
         }
         Ok(out)
     }
@@ -879,10 +889,16 @@ impl MemoryStore for PgStore {
         let ids: Vec<Uuid> = counts.iter().map(|c| c.0).collect();
         let ns: Vec<i64> = counts.iter().map(|c| c.1).collect();
         let times: Vec<DateTime<Utc>> = counts.iter().map(|c| c.2).collect();
+        // Upsert per memory (ids sorted, so concurrent flushes of replicas take row locks in one
+        // order). FOR KEY SHARE waits for a concurrent delete of the memory and then skips it,
+        // instead of failing the whole flush on the foreign key.
         sqlx::query(
-            "UPDATE memories m SET access_count = m.access_count + u.n, \
-             last_access_time = GREATEST(coalesce(m.last_access_time, u.t), u.t) \
-             FROM UNNEST($1::uuid[], $2::bigint[], $3::timestamptz[]) AS u(id, n, t) WHERE m.id = u.id",
+            "INSERT INTO memory_access AS a (memory_id, access_count, last_access_time) \
+             SELECT u.id, u.n, u.t FROM (SELECT id, sum(n)::bigint AS n, max(t) AS t \
+               FROM UNNEST($1::uuid[], $2::bigint[], $3::timestamptz[]) AS x(id, n, t) GROUP BY id) u \
+             JOIN memories m ON m.id = u.id ORDER BY u.id FOR KEY SHARE OF m \
+             ON CONFLICT (memory_id) DO UPDATE SET access_count = a.access_count + EXCLUDED.access_count, \
+               last_access_time = GREATEST(a.last_access_time, EXCLUDED.last_access_time)",
         )
         .bind(&ids)
         .bind(&ns)

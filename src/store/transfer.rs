@@ -343,12 +343,25 @@ pub mod postgres {
         }
     }
 
+    /// Columns of the portable `memories` row that PostgreSQL keeps in `memory_access`.
+    const ACCESS_COLUMNS: [&str; 2] = ["access_count", "last_access_time"];
+
+    /// Where a table's portable rows are read from: `memories` joined with its read counts.
+    fn source(t: &Table) -> &'static str {
+        if t.name == "memories" {
+            "(SELECT m.*, coalesce(a.access_count, 0) AS access_count, a.last_access_time FROM memories m \
+             LEFT JOIN memory_access a ON a.memory_id = m.id) memories"
+        } else {
+            t.name
+        }
+    }
+
     pub async fn export_rows(pool: &PgPool, t: &Table, offset: u64, limit: u64) -> Result<Vec<Map<String, Value>>> {
         let fields: Vec<String> = t.columns.iter().map(select_expr).collect();
         let q = format!(
             "SELECT jsonb_build_object({}) FROM {} WHERE {} ORDER BY {} OFFSET $1 LIMIT $2",
             fields.join(", "),
-            t.name,
+            source(t),
             t.filter,
             t.key.join(", ")
         );
@@ -400,22 +413,35 @@ pub mod postgres {
                 let v = row.get(c.name).cloned().unwrap_or(Value::Null);
                 doc.insert(c.name.to_string(), to_pg(t, c, v)?);
             }
-            let cols = t.column_list();
+            let cols = if t.name == "memories" {
+                t.columns.iter().map(|c| c.name).filter(|c| !ACCESS_COLUMNS.contains(c)).collect::<Vec<_>>().join(", ")
+            } else {
+                t.column_list()
+            };
             let q = format!(
                 "INSERT INTO {0} ({1}) SELECT {1} FROM jsonb_populate_record(NULL::{0}, $1) ON CONFLICT ({2}) DO NOTHING",
                 t.name,
                 cols,
                 t.key.join(", ")
             );
-            let done = sqlx::query(&q)
-                .bind(Value::Object(doc))
+            let doc = Value::Object(doc);
+            let as_bad = |e: sqlx::Error| match &e {
+                sqlx::Error::Database(db) => bad(t.name, db.message()),
+                _ => e.into(),
+            };
+            let done = sqlx::query(&q).bind(&doc).execute(&mut *tx).await.map_err(as_bad)?.rows_affected();
+            if t.name == "memories" && done == 1 {
+                sqlx::query(
+                    "INSERT INTO memory_access (memory_id, access_count, last_access_time) \
+                     SELECT id, coalesce(access_count, 0), last_access_time \
+                     FROM jsonb_to_record($1) AS r(id uuid, access_count bigint, last_access_time timestamptz) \
+                     WHERE coalesce(access_count, 0) <> 0 OR last_access_time IS NOT NULL",
+                )
+                .bind(&doc)
                 .execute(&mut *tx)
                 .await
-                .map_err(|e| match &e {
-                    sqlx::Error::Database(db) => bad(t.name, db.message()),
-                    _ => e.into(),
-                })?
-                .rows_affected();
+                .map_err(as_bad)?;
+            }
             let slot = if done == 1 { &mut counts.rows } else { &mut counts.skipped };
             *slot.entry(t.name.to_string()).or_default() += 1;
         }

@@ -367,6 +367,33 @@ async fn expired_memories_vanish_at_once_and_are_swept() {
 }
 
 #[tokio::test]
+async fn reads_of_a_memory_deleted_before_the_flush_do_not_block_the_others() {
+    let app = spawn_app_env(&[]).await;
+    let mut client = app.memory();
+    let kept = client.create_memory(create(memory("kept memory"))).await.expect("create").into_inner();
+    let gone = client.create_memory(create(memory("deleted memory"))).await.expect("create").into_inner();
+    for id in [&kept.id, &gone.id, &kept.id] {
+        client.get_memory(pb::GetMemoryRequest { id: id.clone(), ..Default::default() }).await.expect("get");
+    }
+    // Deleted while its read is still waiting to be written (flushes run once a second).
+    client.delete_memory(pb::DeleteMemoryRequest { id: gone.id.clone(), ..Default::default() }).await.expect("delete");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = client
+            .get_memory(pb::GetMemoryRequest { id: kept.id.clone(), ..Default::default() })
+            .await
+            .expect("get")
+            .into_inner();
+        if got.access_count >= 2 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the flush failed on the deleted memory: {}", got.access_count);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    app.stop().await.expect("stop");
+}
+
+#[tokio::test]
 async fn reads_are_counted_in_the_background() {
     let app = spawn_app_env(&[]).await;
     let mut client = app.memory();

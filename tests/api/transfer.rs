@@ -41,6 +41,10 @@ async fn an_embedded_store_moves_to_another_database_with_nothing_lost() {
     first.tags = vec!["ops".into(), "deploy".into()];
     let first = m.create_memory(create(first)).await.expect("create").into_inner();
     let second = m.create_memory(create(memory("quarterly planning notes"))).await.expect("create").into_inner();
+    // Three reads: their counts are written by the time the server has stopped.
+    for _ in 0..3 {
+        m.get_memory(pb::GetMemoryRequest { id: first.id.clone(), ..Default::default() }).await.expect("read");
+    }
 
     // A workflow run to its end, and one left running (not exported).
     let mut w = app.workflow();
@@ -91,6 +95,9 @@ async fn an_embedded_store_moves_to_another_database_with_nothing_lost() {
     assert_eq!(got.tags, first.tags);
     assert_eq!(got.etag, first.etag, "same version");
     assert_eq!(got.create_time, first.create_time);
+    assert_eq!(got.access_count, 3, "read counts moved");
+    let moved_id = got.id.clone();
+    assert!(got.last_access_time.is_some());
     let found = m
         .search_memories(pb::SearchMemoriesRequest {
             query: "notes from the quarterly planning".into(),
@@ -114,13 +121,13 @@ async fn an_embedded_store_moves_to_another_database_with_nothing_lost() {
     assert_eq!(keyword.results.len(), 1);
 
     let mut w = app.workflow();
-    let run = w
+    let moved_run = w
         .get_run(pb::GetRunRequest { id: done.id.clone(), namespace: String::new() })
         .await
         .expect("the finished run moved")
         .into_inner();
-    assert_eq!(run.status, pb::RunStatus::Succeeded as i32);
-    assert_eq!(run.steps.len(), 2);
+    assert_eq!(moved_run.status, pb::RunStatus::Succeeded as i32);
+    assert_eq!(moved_run.steps.len(), 2);
     // Its event log moved with it (and the unfinished run's did not).
     let finished_events =
         "SELECT count(*) FROM run_events WHERE run_id IN (SELECT id FROM runs WHERE status IN (3, 4, 5, 6))";
@@ -144,6 +151,21 @@ async fn an_embedded_store_moves_to_another_database_with_nothing_lost() {
         .await
         .expect("the key works on the new database");
     app.stop().await.expect("stop");
+
+    // Exported again from the new database, the read counts include the reads made there
+    // (3 + this test's GetMemory and keyword search).
+    let again = temp_dir().join("again.jsonl");
+    let again_s = again.display().to_string();
+    let (ok, err) = run(&["export", "--output", &again_s], &target).await;
+    assert!(ok, "export from the new database failed: {err}");
+    let text = std::fs::read_to_string(&again).expect("second export");
+    let row = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["table"] == "memories" && v["row"]["id"] == moved_id.as_str())
+        .expect("the memory is exported again");
+    assert_eq!(row["row"]["access_count"], 5, "{row}");
+    assert!(row["row"]["last_access_time"].is_string(), "{row}");
 }
 
 #[tokio::test]

@@ -11,10 +11,12 @@ use sqlx::{
 };
 use uuid::Uuid;
 
-/// `COLUMNS` of src/store/memory.rs.
+/// `COLUMNS` of src/store/memory.rs. The service wraps its search statements in an outer query
+/// that adds each returned row's read counts and grants (`EXTRAS_OPEN`); the baselines run the
+/// inner statement alone, so those lookups are counted as work the service adds.
 const COLUMNS: &str = "m.id, m.namespace, m.owner, m.content, m.summary, m.kind, m.tags, m.metadata, m.importance, \
      m.access_level, m.parent_id, m.embedding_model, m.embedding_dim, m.create_time, m.update_time, m.expire_time, \
-     m.access_count, m.last_access_time, m.version";
+     m.version";
 
 /// Who the service's development principal is, and which model its vectors carry (learned from
 /// a memory the service returned).
