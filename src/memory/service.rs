@@ -611,22 +611,22 @@ impl MemoryService {
         };
         let model = self.embedder.model().to_string();
 
-        let semantic = match &query_vector {
-            None => Vec::new(),
-            Some(q) => {
-                let exact = r.exact || self.prefer_exact(p, &ns, &r.filter, &model).await?;
-                let max_distance = match (mode, r.min_score) {
-                    (SearchMode::Semantic, Some(s)) => Some(1.0 - s),
-                    _ => None,
-                };
-                self.store
-                    .semantic_search(p, &ns, &r.filter, q, &model, candidates, max_distance, exact, r.with_embedding)
-                    .await?
-            }
+        // Hybrid search runs its two candidate statements at once, on two connections.
+        let semantic = async {
+            let Some(q) = &query_vector else { return Ok(Vec::new()) };
+            let exact = r.exact || self.prefer_exact(p, &ns, &r.filter, &model).await?;
+            let max_distance = match (mode, r.min_score) {
+                (SearchMode::Semantic, Some(s)) => Some(1.0 - s),
+                _ => None,
+            };
+            self.store
+                .semantic_search(p, &ns, &r.filter, q, &model, candidates, max_distance, exact, r.with_embedding)
+                .await
         };
-        let keyword = if mode == SearchMode::Semantic {
-            Vec::new()
-        } else {
+        let keyword = async {
+            if mode == SearchMode::Semantic {
+                return Ok(Vec::new());
+            }
             let mut list = self
                 .store
                 .keyword_search(
@@ -643,8 +643,9 @@ impl MemoryService {
             if let (SearchMode::Keyword, Some(s)) = (mode, r.min_score) {
                 list.retain(|h| h.score >= s);
             }
-            list
+            Ok::<_, Error>(list)
         };
+        let (semantic, keyword) = tokio::try_join!(semantic, keyword)?;
 
         let fused = match mode {
             SearchMode::Semantic => ranking::single_list(semantic, true),
