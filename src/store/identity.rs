@@ -1,8 +1,14 @@
 //! Agents, API keys and the audit log in PostgreSQL.
 
+use std::sync::LazyLock;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, Postgres, QueryBuilder, Row, postgres::PgRow};
+use sqlx::{
+    PgConnection, Postgres, QueryBuilder, Row,
+    postgres::{PgArguments, PgRow},
+    query::Query,
+};
 use uuid::Uuid;
 
 use super::PgStore;
@@ -119,23 +125,47 @@ pub struct AuditFilter {
 /// Appends one audit row on `conn` — inside the caller's transaction when it has one, so the
 /// row exists exactly when the change does.
 pub async fn record_audit(conn: &mut PgConnection, event: &AuditEvent) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO audit_events (id, time, agent_id, namespace, method, resource_id, code, peer, request_id, detail) \
-         VALUES ($1, coalesce($2, clock_timestamp()), $3, $4, $5, $6, $7, $8, $9, $10)",
-    )
-    .bind(event.id)
-    .bind(event.time)
-    .bind(&event.agent_id)
-    .bind(&event.namespace)
-    .bind(&event.method)
-    .bind(&event.resource_id)
-    .bind(&event.code)
-    .bind(&event.peer)
-    .bind(&event.request_id)
-    .bind(&event.detail)
-    .execute(conn)
-    .await?;
+    static INSERT: LazyLock<String> = LazyLock::new(|| audit_insert_sql(1, None));
+    bind_audit(sqlx::query(INSERT.as_str()), Some(event)).execute(conn).await?;
     Ok(())
+}
+
+/// The statement of [`record_audit`], with the event in parameters `$first` to `$first + 9`
+/// (bound by [`bind_audit`]); it writes no row when `None` was bound. A statement that makes a
+/// change can so write its audit row itself, in a data-modifying CTE. With `source`, the name of
+/// a relation of that statement with a `resource_id` column, one row is written per row of it
+/// (none when it is empty), naming that `resource_id` when the event names none.
+pub(crate) fn audit_insert_sql(first: usize, source: Option<&str>) -> String {
+    let [id, time, agent_id, namespace, method, resource_id, code, peer, request_id, detail] =
+        std::array::from_fn(|i| format!("${}", first + i));
+    let (from, resource_id) = match source {
+        None => (String::new(), resource_id),
+        Some(rel) => (format!("FROM {rel}"), format!("coalesce({resource_id}, {rel}.resource_id)")),
+    };
+    format!(
+        "INSERT INTO audit_events (id, time, agent_id, namespace, method, resource_id, code, peer, request_id, detail) \
+         SELECT {id}, coalesce({time}, clock_timestamp()), {agent_id}, {namespace}, {method}, {resource_id}, {code}, {peer}, \
+           {request_id}, {detail} \
+         {from} WHERE {id} IS NOT NULL"
+    )
+}
+
+/// Binds the ten parameters of [`audit_insert_sql`]: the event's fields, or NULLs for `None`.
+pub(crate) fn bind_audit<'q>(
+    query: Query<'q, Postgres, PgArguments>,
+    event: Option<&'q AuditEvent>,
+) -> Query<'q, Postgres, PgArguments> {
+    query
+        .bind(event.map(|e| e.id))
+        .bind(event.and_then(|e| e.time))
+        .bind(event.and_then(|e| e.agent_id.as_deref()))
+        .bind(event.and_then(|e| e.namespace.as_deref()))
+        .bind(event.map(|e| e.method.as_str()))
+        .bind(event.and_then(|e| e.resource_id.as_deref()))
+        .bind(event.map(|e| e.code.as_str()))
+        .bind(event.and_then(|e| e.peer.as_deref()))
+        .bind(event.and_then(|e| e.request_id.as_deref()))
+        .bind(event.and_then(|e| e.detail.as_deref()))
 }
 
 /// Appends many audit events with multi-row INSERTs (inside the caller's transaction).

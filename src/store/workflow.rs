@@ -12,7 +12,10 @@
 //! Every state change of a run's task appends to `run_events` (sequence allocated under the run
 //! lock) and notifies `tmws_run`; newly queued worker tasks notify `tmws_queue`.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::LazyLock,
+};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -22,7 +25,7 @@ use uuid::Uuid;
 
 use super::{
     PgStore,
-    identity::{AuditEvent, record_audit},
+    identity::{AuditEvent, audit_insert_sql, bind_audit, record_audit},
 };
 use crate::telemetry::metrics::metrics;
 use crate::{
@@ -194,6 +197,56 @@ fn run_from_row(row: &PgRow) -> Result<Run> {
     })
 }
 
+/// One `task_attempts` row: attempt, worker_id, start_time, end_time, status, error.
+type AttemptRecord = (i32, String, DateTime<Utc>, Option<DateTime<Utc>>, i16, String);
+
+fn attempt_from_record(
+    (attempt, worker_id, start_time, end_time, status, error): AttemptRecord,
+) -> Result<TaskAttempt> {
+    Ok(TaskAttempt {
+        attempt,
+        worker_id,
+        start_time,
+        end_time,
+        status: TaskStatus::from_i16(status).ok_or_else(|| enum_err("attempt status", status))?,
+        error,
+    })
+}
+
+/// An `attempts` column: the task's attempts as the statement left them, in attempt order. Its
+/// SQL is [`attempts_after`]; `array_agg` over no rows is NULL, which is no attempts.
+fn attempts_column(row: &PgRow) -> Result<Vec<TaskAttempt>> {
+    let records: Option<Vec<AttemptRecord>> = row.try_get("attempts")?;
+    records.unwrap_or_default().into_iter().map(attempt_from_record).collect()
+}
+
+/// The select-list item `attempts` ([`attempts_column`]) of a statement that writes one attempt
+/// of the task `{task}.id` in its data-modifying CTE `{written}` (which returns the attempt
+/// columns and `task_id`). A statement does not see its own writes, so the stored rows are read
+/// except the written one, which is taken from the CTE's RETURNING instead: the list is what
+/// [`load_attempts`] would read after the statement.
+fn attempts_after(task: &str, written: &str) -> String {
+    format!(
+        "(SELECT array_agg((x.attempt, x.worker_id, x.start_time, x.end_time, x.status, x.error) ORDER BY x.attempt) \
+           FROM (SELECT a.attempt, a.worker_id, a.start_time, a.end_time, a.status, a.error FROM task_attempts a \
+                 WHERE a.task_id = {task}.id \
+                   AND NOT EXISTS (SELECT 1 FROM {written} w WHERE w.task_id = a.task_id AND w.attempt = a.attempt) \
+                 UNION ALL \
+                 SELECT w.attempt, w.worker_id, w.start_time, w.end_time, w.status, w.error FROM {written} w \
+                 WHERE w.task_id = {task}.id) x) AS attempts"
+    )
+}
+
+/// How a worker's claim starts the attempt of a leased task, as LEASED: `{START_ATTEMPT} <VALUES
+/// or SELECT of task_id, attempt, worker_id, 3> {START_ATTEMPT_CONFLICT}`.
+const START_ATTEMPT: &str = "INSERT INTO task_attempts (task_id, attempt, worker_id, status)";
+/// The end of [`START_ATTEMPT`]: a row already there for that attempt is taken over.
+const START_ATTEMPT_CONFLICT: &str =
+    "ON CONFLICT (task_id, attempt) DO UPDATE SET worker_id = EXCLUDED.worker_id, start_time = clock_timestamp()";
+
+/// What the data-modifying CTE named in [`attempts_after`] returns.
+const ATTEMPT_RETURNING: &str = "RETURNING task_id, attempt, worker_id, start_time, end_time, status, error";
+
 async fn load_attempts(conn: &mut PgConnection, tasks: &mut [Task]) -> Result<()> {
     if tasks.is_empty() {
         return Ok(());
@@ -208,15 +261,15 @@ async fn load_attempts(conn: &mut PgConnection, tasks: &mut [Task]) -> Result<()
     .await?;
     let mut by_task: HashMap<Uuid, Vec<TaskAttempt>> = HashMap::new();
     for row in rows {
-        let status: i16 = row.try_get("status")?;
-        by_task.entry(row.try_get("task_id")?).or_default().push(TaskAttempt {
-            attempt: row.try_get("attempt")?,
-            worker_id: row.try_get("worker_id")?,
-            start_time: row.try_get("start_time")?,
-            end_time: row.try_get("end_time")?,
-            status: TaskStatus::from_i16(status).ok_or_else(|| enum_err("attempt status", status))?,
-            error: row.try_get("error")?,
-        });
+        let record = (
+            row.try_get("attempt")?,
+            row.try_get("worker_id")?,
+            row.try_get("start_time")?,
+            row.try_get("end_time")?,
+            row.try_get("status")?,
+            row.try_get("error")?,
+        );
+        by_task.entry(row.try_get("task_id")?).or_default().push(attempt_from_record(record)?);
     }
     for t in tasks.iter_mut() {
         t.attempts = by_task.remove(&t.id).unwrap_or_default();
@@ -270,12 +323,18 @@ async fn append_event(conn: &mut PgConnection, run_id: Uuid, payload: &EventPayl
 /// task, attempts included, so callers need not read it again.
 async fn task_event(conn: &mut PgConnection, task_id: Uuid) -> Result<Task> {
     let task = fetch_task(conn, task_id).await?;
+    append_task_event(conn, &task).await?;
+    Ok(task)
+}
+
+/// [`task_event`] for a task the caller holds as it is now stored (attempts included).
+async fn append_task_event(conn: &mut PgConnection, task: &Task) -> Result<()> {
     if let Some(run_id) = task.run_id {
         let mut snapshot = task.clone();
         snapshot.attempts.clear();
         append_event(conn, run_id, &EventPayload::Task(Box::new(snapshot))).await?;
     }
-    Ok(task)
+    Ok(())
 }
 
 /// Wakes every replica's engine (a server-side step is due now).
@@ -428,78 +487,87 @@ async fn advance_dependents(conn: &mut PgConnection, parent: Uuid) -> Result<()>
     Ok(())
 }
 
+/// The statement that ends attempt `$2` of task `$1`, records the outcome on the task and writes
+/// the call's audit row (parameters from `$audit`, see [`audit_insert_sql`]): `attempt_set` and
+/// `task_set` are the outcome's assignments (their own parameters from `$3`), `end_time` and
+/// `update_time` are set here. It returns the task as stored afterwards ([`TASK_COLUMNS`] and
+/// [`attempts_column`]) and `has_dependents`: whether a BLOCKED standalone task depends on it
+/// (see [`finish_attempt`] for why that read is exact).
+fn end_attempt_sql(attempt_set: &str, task_set: &str, audit: usize) -> String {
+    format!(
+        "WITH ended AS (UPDATE task_attempts SET {attempt_set}, end_time = clock_timestamp() \
+           WHERE task_id = $1 AND attempt = $2 {ATTEMPT_RETURNING}), \
+         t AS (UPDATE tasks t SET {task_set}, update_time = clock_timestamp() WHERE t.id = $1 RETURNING {TASK_COLUMNS}), \
+         audited AS ({audit_insert}) \
+         SELECT t.*, {attempts}, \
+           t.run_id IS NULL AND EXISTS (SELECT 1 FROM tasks c WHERE c.depends_on @> ARRAY[t.id] AND c.run_id IS NULL \
+             AND c.status = 1) AS has_dependents \
+         FROM t",
+        audit_insert = audit_insert_sql(audit, None),
+        attempts = attempts_after("t", "ended"),
+    )
+}
+
 /// Ends the current attempt of a locked task and applies the outcome (retry, fail, succeed),
 /// then advances the run or the standalone dependents. The caller holds the task row and, for
-/// a run's task, the run row.
+/// a run's task, the run row. `audit` is the call's audit row ([`call_event`]), written with the
+/// change. Returns the task as stored afterwards, attempts included (nothing later in the
+/// transaction changes it: advancing touches only BLOCKED tasks and the run).
 async fn finish_attempt(
     conn: &mut PgConnection,
     row: &TaskRow,
     run: Option<&Run>,
     outcome: Result<Value, (String, bool)>,
-) -> Result<()> {
+    audit: Option<&AuditEvent>,
+) -> Result<Task> {
+    static SUCCEED: LazyLock<String> = LazyLock::new(|| {
+        end_attempt_sql("status = 4", "status = 4, output = $3, error = '', lease_expire_time = NULL", 4)
+    });
+    static RETRY: LazyLock<String> = LazyLock::new(|| {
+        end_attempt_sql(
+            "status = 5, error = $3",
+            "status = 2, error = $3, lease_token = NULL, lease_expire_time = NULL, attempt_deadline = NULL, \
+             available_time = clock_timestamp() + make_interval(secs => $4::float8 / 1000)",
+            5,
+        )
+    });
+    static FAIL: LazyLock<String> = LazyLock::new(|| {
+        end_attempt_sql("status = 5, error = $3", "status = 5, error = $3, lease_expire_time = NULL", 4)
+    });
+
     let id = row.task.id;
-    match &outcome {
-        Ok(output) => {
-            sqlx::query(
-                "UPDATE task_attempts SET status = 4, end_time = clock_timestamp() WHERE task_id = $1 AND attempt = $2",
-            )
-            .bind(id)
-            .bind(row.task.attempt)
-            .execute(&mut *conn)
-            .await?;
-            sqlx::query(
-                "UPDATE tasks SET status = 4, output = $2, error = '', lease_expire_time = NULL, update_time = clock_timestamp() \
-                 WHERE id = $1",
-            )
-            .bind(id)
-            .bind(Json(output))
-            .execute(&mut *conn)
-            .await?;
-        }
-        Err((error, retryable)) => {
-            sqlx::query(
-                "UPDATE task_attempts SET status = 5, error = $3, end_time = clock_timestamp() WHERE task_id = $1 AND attempt = $2",
-            )
+    let retry = matches!(&outcome, Err((_, true)) if row.task.attempt < row.retry.max_attempts);
+    let query = match &outcome {
+        Ok(output) => sqlx::query(SUCCEED.as_str()).bind(id).bind(row.task.attempt).bind(Json(output)),
+        Err((error, _)) if retry => sqlx::query(RETRY.as_str())
             .bind(id)
             .bind(row.task.attempt)
             .bind(error)
-            .execute(&mut *conn)
-            .await?;
-            if *retryable && row.task.attempt < row.retry.max_attempts {
-                let backoff = row.retry.backoff_ms(row.task.attempt + 1);
-                sqlx::query(
-                    "UPDATE tasks SET status = 2, error = $2, lease_token = NULL, lease_expire_time = NULL, attempt_deadline = NULL, \
-                     available_time = clock_timestamp() + make_interval(secs => $3::float8 / 1000), update_time = clock_timestamp() \
-                     WHERE id = $1",
-                )
-                .bind(id)
-                .bind(error)
-                .bind(backoff as f64)
-                .execute(&mut *conn)
-                .await?;
-                if row.task.kind == StepKind::Task {
-                    notify_queue(conn, &row.task.namespace, &row.task.queue).await?;
-                }
-                task_event(conn, id).await?;
-                return Ok(());
-            }
-            sqlx::query(
-                "UPDATE tasks SET status = 5, error = $2, lease_expire_time = NULL, update_time = clock_timestamp() WHERE id = $1",
-            )
-            .bind(id)
-            .bind(error)
-            .execute(&mut *conn)
-            .await?;
-        }
+            .bind(row.retry.backoff_ms(row.task.attempt + 1) as f64),
+        Err((error, _)) => sqlx::query(FAIL.as_str()).bind(id).bind(row.task.attempt).bind(error),
+    };
+    let stored = bind_audit(query, audit).fetch_one(&mut *conn).await?;
+    let mut task = task_from_row(&stored)?.task;
+    task.attempts = attempts_column(&stored)?;
+    if retry && row.task.kind == StepKind::Task {
+        notify_queue(conn, &row.task.namespace, &row.task.queue).await?;
     }
-    // Only a run's tasks have an event log; a standalone task needs no re-read here.
-    if run.is_some() {
-        task_event(conn, id).await?;
+    append_task_event(conn, &task).await?;
+    if retry {
+        return Ok(task);
     }
     match run {
-        Some(run) => advance_run(conn, run).await,
-        None => advance_dependents(conn, id).await,
+        Some(run) => advance_run(conn, run).await?,
+        // The statement read `has_dependents` after this transaction locked the task, so it saw
+        // every dependent there can be: CreateTask locks its dependencies FOR SHARE, so one
+        // adding a dependent either committed before that lock was granted or waits for this
+        // transaction (and then finds the task finished); nothing else makes a standalone task
+        // BLOCKED (an import holds finished standalone tasks only). When there is none,
+        // `advance_dependents` would find nothing.
+        None if stored.try_get::<bool, _>("has_dependents")? => advance_dependents(conn, id).await?,
+        None => {}
     }
+    Ok(task)
 }
 
 /// Cancels a locked, unfinished task whose run has ended (the caller holds both rows).
@@ -1151,65 +1219,78 @@ impl WorkflowStore for PgStore {
         lease_ms: i64,
         audit: Option<&AuditEvent>,
     ) -> Result<Vec<LeasedTask>> {
+        // One statement leases the picked tasks and starts the attempts of the standalone ones,
+        // returning each leased task as stored afterwards (`attempts` is meaningful for those
+        // only). A run's task also needs its run locked after it, so its attempt is started
+        // below, once the run is known not to have ended. When every task is standalone and at
+        // most LISTED_RESOURCES were leased, the statement also writes the call's audit row,
+        // naming the ids as `call_event` would (in the order of the answer: by id); otherwise
+        // `listed` is empty and the row is written below.
+        static CLAIM: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "WITH picked AS (SELECT id FROM tasks WHERE namespace = $1 AND queue = $2 AND status = 2 AND kind = 1 \
+                   AND available_time <= clock_timestamp() ORDER BY priority DESC, available_time, id LIMIT $3 FOR UPDATE SKIP LOCKED), \
+                 t AS (UPDATE tasks t SET status = 3, attempt = t.attempt + 1, worker_id = $4, lease_token = gen_random_uuid(), \
+                   lease_duration_ms = $5, lease_expire_time = clock_timestamp() + make_interval(secs => $5::float8 / 1000), \
+                   attempt_deadline = CASE WHEN t.attempt_timeout_ms IS NULL THEN NULL \
+                     ELSE clock_timestamp() + make_interval(secs => t.attempt_timeout_ms::float8 / 1000) END, \
+                   update_time = clock_timestamp() \
+                   FROM picked WHERE t.id = picked.id RETURNING {TASK_COLUMNS}), \
+                 started AS ({START_ATTEMPT} SELECT t.id, t.attempt, $4, 3 FROM t WHERE t.run_id IS NULL \
+                   {START_ATTEMPT_CONFLICT} {ATTEMPT_RETURNING}), \
+                 listed AS (SELECT string_agg(t.id::text, ',' ORDER BY t.id) AS resource_id FROM t \
+                   HAVING count(*) BETWEEN 1 AND {LISTED_RESOURCES} AND bool_and(t.run_id IS NULL)), \
+                 audited AS ({audit_insert}) \
+                 SELECT t.*, {attempts} FROM t",
+                audit_insert = audit_insert_sql(6, Some("listed")),
+                attempts = attempts_after("t", "started"),
+            )
+        });
         let mut tx = self.pool().begin().await?;
-        let rows = sqlx::query(&format!(
-            "WITH picked AS (SELECT id FROM tasks WHERE namespace = $1 AND queue = $2 AND status = 2 AND kind = 1 \
-               AND available_time <= clock_timestamp() ORDER BY priority DESC, available_time, id LIMIT $3 FOR UPDATE SKIP LOCKED) \
-             UPDATE tasks t SET status = 3, attempt = t.attempt + 1, worker_id = $4, lease_token = gen_random_uuid(), \
-               lease_duration_ms = $5, lease_expire_time = clock_timestamp() + make_interval(secs => $5::float8 / 1000), \
-               attempt_deadline = CASE WHEN t.attempt_timeout_ms IS NULL THEN NULL \
-                 ELSE clock_timestamp() + make_interval(secs => t.attempt_timeout_ms::float8 / 1000) END, \
-               update_time = clock_timestamp() \
-             FROM picked WHERE t.id = picked.id RETURNING {TASK_COLUMNS}"
-        ))
-        .bind(ns)
-        .bind(queue)
-        .bind(max as i64)
-        .bind(worker)
-        .bind(lease_ms)
-        .fetch_all(&mut *tx)
-        .await?;
+        let event = call_event(audit, &[]);
+        let query = sqlx::query(CLAIM.as_str()).bind(ns).bind(queue).bind(max as i64).bind(worker).bind(lease_ms);
+        let rows = bind_audit(query, event.as_ref()).fetch_all(&mut *tx).await?;
         let now = Utc::now();
         for row in &rows {
             if let Ok(available) = row.try_get::<DateTime<Utc>, _>("available_time") {
                 metrics().claim_waited(queue, (now - available).num_microseconds().unwrap_or(0) as f64 / 1e6);
             }
         }
-        let mut claimed: Vec<TaskRow> = rows.iter().map(task_from_row).collect::<Result<_>>()?;
+        let mut claimed: Vec<(TaskRow, &PgRow)> =
+            rows.iter().map(|r| task_from_row(r).map(|t| (t, r))).collect::<Result<_>>()?;
+        // Whether the statement wrote the audit row (its `listed` had a row).
+        let audited =
+            (1..=LISTED_RESOURCES).contains(&claimed.len()) && claimed.iter().all(|(t, _)| t.task.run_id.is_none());
         // Run tasks: take their runs in a fixed order; a run that ended meanwhile gets its task
         // cancelled instead of leased.
-        claimed.sort_by_key(|t| (t.task.run_id, t.task.id));
+        claimed.sort_by_key(|(t, _)| (t.task.run_id, t.task.id));
         let mut leased = Vec::with_capacity(claimed.len());
         let mut locked_runs: HashMap<Uuid, Run> = HashMap::new();
-        for row in claimed {
-            if let Some(run_id) = row.task.run_id {
-                if let std::collections::hash_map::Entry::Vacant(slot) = locked_runs.entry(run_id) {
-                    slot.insert(lock_run(&mut tx, run_id).await?);
+        for (row, stored) in claimed {
+            let task = match row.task.run_id {
+                None => Task { attempts: attempts_column(stored)?, ..row.task },
+                Some(run_id) => {
+                    if let std::collections::hash_map::Entry::Vacant(slot) = locked_runs.entry(run_id) {
+                        slot.insert(lock_run(&mut tx, run_id).await?);
+                    }
+                    if locked_runs.get(&run_id).is_some_and(|r| r.status.is_terminal()) {
+                        cancel_straggler(&mut tx, &row).await?;
+                        continue;
+                    }
+                    sqlx::query(&format!("{START_ATTEMPT} VALUES ($1, $2, $3, 3) {START_ATTEMPT_CONFLICT}"))
+                        .bind(row.task.id)
+                        .bind(row.task.attempt)
+                        .bind(worker)
+                        .execute(&mut *tx)
+                        .await?;
+                    // One read of the leased task serves both the run's event log and the answer.
+                    task_event(&mut tx, row.task.id).await?
                 }
-                if locked_runs.get(&run_id).is_some_and(|r| r.status.is_terminal()) {
-                    cancel_straggler(&mut tx, &row).await?;
-                    continue;
-                }
-            }
-            sqlx::query(
-                "INSERT INTO task_attempts (task_id, attempt, worker_id, status) VALUES ($1, $2, $3, 3) \
-                 ON CONFLICT (task_id, attempt) DO UPDATE SET worker_id = EXCLUDED.worker_id, start_time = clock_timestamp()",
-            )
-            .bind(row.task.id)
-            .bind(row.task.attempt)
-            .bind(worker)
-            .execute(&mut *tx)
-            .await?;
-            // One read of the leased task serves both the run's event log and the answer.
-            let task = if row.task.run_id.is_some() {
-                task_event(&mut tx, row.task.id).await?
-            } else {
-                fetch_task(&mut tx, row.task.id).await?
             };
             let token = row.lease_token.ok_or_else(|| Error::internal("claimed task has no lease token"))?;
             leased.push(LeasedTask { task, lease_token: token });
         }
-        if !leased.is_empty() {
+        if !leased.is_empty() && !audited {
             let ids: Vec<Uuid> = leased.iter().map(|l| l.task.id).collect();
             record_call(&mut tx, audit, &ids).await?;
         }
@@ -1307,7 +1388,7 @@ impl WorkflowStore for PgStore {
             } else {
                 "lease expired (the worker stopped heartbeating)"
             };
-            finish_attempt(&mut tx, &row, run.as_ref(), Err((why.to_string(), true))).await?;
+            finish_attempt(&mut tx, &row, run.as_ref(), Err((why.to_string(), true)), None).await?;
         }
         tx.commit().await?;
         Ok(n)
@@ -1380,15 +1461,26 @@ impl WorkflowStore for PgStore {
 /// Appends the audit row of a call (when it is one: the engine's own work passes `None`) inside
 /// the caller's transaction, naming the resources it changed.
 async fn record_call(conn: &mut PgConnection, audit: Option<&AuditEvent>, resources: &[Uuid]) -> Result<()> {
-    let Some(template) = audit else { return Ok(()) };
-    let mut event = template.clone();
+    match call_event(audit, resources) {
+        Some(event) => record_audit(conn, &event).await,
+        None => Ok(()),
+    }
+}
+
+/// How many resource ids an audit row of a workflow call lists; more are counted.
+const LISTED_RESOURCES: usize = 20;
+
+/// The audit row [`record_call`] appends, for a statement that writes it itself
+/// ([`audit_insert_sql`]).
+fn call_event(audit: Option<&AuditEvent>, resources: &[Uuid]) -> Option<AuditEvent> {
+    let mut event = audit?.clone();
     event.id = Uuid::now_v7();
-    let mut ids: Vec<String> = resources.iter().take(20).map(Uuid::to_string).collect();
-    if resources.len() > 20 {
-        ids.push(format!("... {} more", resources.len() - 20));
+    let mut ids: Vec<String> = resources.iter().take(LISTED_RESOURCES).map(Uuid::to_string).collect();
+    if resources.len() > LISTED_RESOURCES {
+        ids.push(format!("... {} more", resources.len() - LISTED_RESOURCES));
     }
     event.resource_id = (!ids.is_empty()).then(|| ids.join(","));
-    record_audit(conn, &event).await
+    Some(event)
 }
 
 fn lease_expired(row: &TaskRow) -> bool {
@@ -1430,9 +1522,8 @@ async fn worker_outcome(
         tx.commit().await?;
         return Err(aborted(id));
     }
-    finish_attempt(&mut tx, &row, run.as_ref(), outcome).await?;
-    let task = fetch_task(&mut tx, id).await?;
-    record_call(&mut tx, audit, &[id]).await?;
+    let event = call_event(audit, &[id]);
+    let task = finish_attempt(&mut tx, &row, run.as_ref(), outcome, event.as_ref()).await?;
     tx.commit().await?;
     Ok(task)
 }

@@ -524,6 +524,129 @@ async fn standalone_tasks_with_dependencies_priorities_and_heartbeats() {
     app.stop().await.expect("stop");
 }
 
+async fn get_task(client: &mut Client, id: &str) -> pb::Task {
+    client.get_task(pb::GetTaskRequest { id: id.into(), ..Default::default() }).await.expect("get task").into_inner()
+}
+
+/// ClaimTasks, CompleteTask and FailTask answer with the task exactly as it is stored afterwards
+/// (attempts included), through a retry, a stale token, a duplicate complete, and dependents
+/// queued by a success and skipped by a failure.
+#[tokio::test]
+async fn worker_calls_answer_with_the_task_as_stored() {
+    let app = spawn_app_env(&FAST).await;
+    let mut c = app.workflow();
+    let mk = |title: &str, deps: Vec<String>| pb::CreateTaskRequest {
+        task: Some(pb::Task {
+            title: title.into(),
+            queue: "answers".into(),
+            depends_on: deps,
+            input: Some(json_to_struct(serde_json::json!({"title": title}))),
+            ..Default::default()
+        }),
+        retry_policy: Some(pb::RetryPolicy { max_attempts: 3, initial_backoff: millis(50), ..Default::default() }),
+        ..Default::default()
+    };
+    let parent = c.create_task(mk("parent", vec![])).await.expect("parent").into_inner();
+    let child = c.create_task(mk("child", vec![parent.id.clone()])).await.expect("child").into_inner();
+    let grandchild = c.create_task(mk("grandchild", vec![child.id.clone()])).await.expect("grandchild").into_inner();
+
+    // First attempt: leased, then failed with a retry.
+    let first = claim(&mut c, "answers", "w1", 5, 1000).await;
+    assert_eq!(first.len(), 1, "only the parent is queued");
+    let leased = first[0].task.clone().expect("task");
+    assert_eq!(leased, get_task(&mut c, &parent.id).await);
+    assert_eq!((leased.status, leased.attempt, leased.worker_id.as_str()), (pb::TaskStatus::Leased as i32, 1, "w1"));
+    assert_eq!(leased.attempts.len(), 1);
+    assert_eq!(leased.attempts[0].status, pb::TaskStatus::Leased as i32);
+    assert!(leased.attempts[0].end_time.is_none());
+    let retried = fail(&mut c, &first[0], "boom", true).await.expect("fail");
+    assert_eq!(retried, get_task(&mut c, &parent.id).await);
+    assert_eq!((retried.status, retried.error.as_str()), (pb::TaskStatus::Queued as i32, "boom"));
+    assert_eq!(retried.attempts[0].status, pb::TaskStatus::Failed as i32);
+    assert!(retried.attempts[0].end_time.is_some());
+
+    // Second attempt, after the backoff: the first attempt stays in the list.
+    let second = claim(&mut c, "answers", "w2", 1, 2000).await;
+    let leased = second[0].task.clone().expect("task");
+    assert_eq!(leased.id, parent.id);
+    assert_eq!(leased, get_task(&mut c, &parent.id).await);
+    let statuses: Vec<i32> = leased.attempts.iter().map(|a| a.status).collect();
+    assert_eq!(statuses, [pb::TaskStatus::Failed as i32, pb::TaskStatus::Leased as i32]);
+    assert_eq!(leased.attempts[1].worker_id, "w2");
+
+    // The first lease is stale; the second completes once, and a repeat gets the same answer.
+    let stale = complete(&mut c, &first[0], serde_json::json!({})).await.expect_err("stale token");
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    let done = complete(&mut c, &second[0], serde_json::json!({"answer": 42})).await.expect("complete");
+    assert_eq!(done, get_task(&mut c, &parent.id).await);
+    assert_eq!(done.status, pb::TaskStatus::Succeeded as i32);
+    assert_eq!(done.attempts[1].status, pb::TaskStatus::Succeeded as i32);
+    assert!(done.attempts[1].end_time.is_some());
+    let again = complete(&mut c, &second[0], serde_json::json!({"answer": 42})).await.expect("duplicate complete");
+    assert_eq!(again, done);
+
+    // The success queued the child with the parent's output; its final failure skips the grandchild.
+    let third = claim(&mut c, "answers", "w3", 5, 1000).await;
+    assert_eq!(third.len(), 1);
+    let leased = third[0].task.clone().expect("task");
+    assert_eq!(leased.id, child.id);
+    assert_eq!(struct_to_json(leased.input.clone().expect("input"))["parents"][parent.id.as_str()]["answer"], 42.0);
+    let failed = fail(&mut c, &third[0], "no retry", false).await.expect("fail");
+    assert_eq!(failed, get_task(&mut c, &child.id).await);
+    assert_eq!(failed.status, pb::TaskStatus::Failed as i32);
+    assert_eq!(failed.attempts.len(), 1);
+    assert_eq!(failed.attempts[0].error, "no retry");
+    let again = fail(&mut c, &third[0], "no retry", false).await.expect("duplicate fail");
+    assert_eq!(again, failed);
+    assert_eq!(get_task(&mut c, &grandchild.id).await.status, pb::TaskStatus::Skipped as i32);
+
+    // Each call that changed something is audited once, naming the tasks; a claim of many names
+    // the first 20 (in the order of its answer, by id) and counts the rest.
+    let mut batches = Vec::new();
+    for (queue, n) in [("batch3", 3), ("batch22", 22)] {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            let t = pb::Task { title: "t".into(), queue: queue.into(), ..Default::default() };
+            let made = c.create_task(pb::CreateTaskRequest { task: Some(t), ..Default::default() }).await;
+            ids.push(made.expect("create").into_inner().id);
+        }
+        ids.sort();
+        let leased = claim(&mut c, queue, "w4", 25, 1000).await;
+        let answered: Vec<String> = leased.iter().filter_map(|l| l.task.as_ref().map(|t| t.id.clone())).collect();
+        assert_eq!(answered, ids, "{queue}: every task, by id");
+        batches.push(ids);
+    }
+    let events = app
+        .agents()
+        .list_audit_events(app.admin(pb::ListAuditEventsRequest {
+            namespace: "default".into(),
+            page_size: 500,
+            ..Default::default()
+        }))
+        .await
+        .expect("audit events")
+        .into_inner()
+        .events;
+    let resources = |method: &str| {
+        let mut r: Vec<String> = events
+            .iter()
+            .filter(|e| e.method == format!("tmws.v1.WorkflowService/{method}") && e.code == "OK")
+            .map(|e| e.resource_id.clone())
+            .collect();
+        r.sort();
+        r
+    };
+    let mut claims = vec![parent.id.clone(), parent.id.clone(), child.id.clone(), batches[0].join(",")];
+    claims.push(format!("{},... 2 more", batches[1][..20].join(",")));
+    claims.sort();
+    assert_eq!(resources("ClaimTasks"), claims);
+    assert_eq!(resources("CompleteTask"), vec![parent.id.clone()], "a repeated complete changes nothing");
+    let mut fails = vec![parent.id.clone(), child.id.clone()];
+    fails.sort();
+    assert_eq!(resources("FailTask"), fails);
+    app.stop().await.expect("stop");
+}
+
 #[tokio::test]
 async fn runs_time_out() {
     let app = spawn_app_env(&FAST).await;
