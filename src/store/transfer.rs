@@ -2,9 +2,11 @@
 //!
 //! The format is one JSON object per line. The first line is a header
 //! (`{"format":"tmws-export","version":1,...}`); every other line is one row:
-//! `{"table":"memories","row":{...}}`, with the columns of the PostgreSQL schema and portable
-//! values: times as RFC 3339 strings, UUIDs as strings, JSON documents as JSON, string lists
-//! and UUID lists as arrays, vectors as arrays of numbers, bytes as base64.
+//! `{"table":"memories","row":{...}}`, with the columns of the PostgreSQL schema (a memory row
+//! also carries `access_count` and `last_access_time`, which PostgreSQL keeps in
+//! `memory_access`) and portable values: times as RFC 3339 strings, UUIDs as strings, JSON
+//! documents as JSON, string lists and UUID lists as arrays, vectors as arrays of numbers, bytes
+//! as base64.
 //!
 //! What is exported: agents and API keys (secret hashes only), memories with their embeddings and
 //! grants, workflow definitions (every version), and the runs that reached a final state with
