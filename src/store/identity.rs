@@ -562,23 +562,8 @@ impl IdentityStore for PgStore {
         if events.is_empty() {
             return Ok(());
         }
-        let mut qb = QueryBuilder::<Postgres>::new(
-            "INSERT INTO audit_events (id, time, agent_id, namespace, method, resource_id, code, peer, request_id, detail) ",
-        );
-        qb.push_values(events, |mut b, e| {
-            b.push_bind(e.id)
-                .push_bind(e.time.unwrap_or_else(Utc::now))
-                .push_bind(&e.agent_id)
-                .push_bind(&e.namespace)
-                .push_bind(&e.method)
-                .push_bind(&e.resource_id)
-                .push_bind(&e.code)
-                .push_bind(&e.peer)
-                .push_bind(&e.request_id)
-                .push_bind(&e.detail);
-        });
-        qb.build().execute(self.pool()).await?;
-        Ok(())
+        let mut conn = self.pool().acquire().await?;
+        record_audits(&mut conn, events).await
     }
 
     /// One page of audit events, newest first.
