@@ -1,6 +1,9 @@
 //! PostgreSQL (+ pgvector): connection pool, migrations and liveness probes.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use sqlx::{
     PgPool,
@@ -38,6 +41,8 @@ pub enum StoreInitError {
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pool: PgPool,
+    /// Queues whose tasks recently included a run's (see `claim_tasks`).
+    pub(crate) run_queues: Arc<super::workflow::RunQueues>,
 }
 
 impl PgStore {
@@ -60,7 +65,7 @@ impl PgStore {
             .idle_timeout(Some(Duration::from_secs(300)))
             .test_before_acquire(false)
             .connect_lazy_with(options);
-        let store = Self { pool };
+        let store = Self { pool, run_queues: Arc::default() };
         let started = Instant::now();
         let mut delay = Duration::from_millis(100);
         loop {

@@ -15,6 +15,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::LazyLock,
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
@@ -302,20 +303,24 @@ async fn fetch_task(conn: &mut PgConnection, id: Uuid) -> Result<Task> {
     task.pop().ok_or_else(|| Error::internal("task vanished"))
 }
 
-/// Appends an event to a run's log (the caller holds the run row) and notifies watchers.
+/// Appends an event to a run's log (the caller holds the run row) and notifies watchers, in one
+/// statement: the sequence is allocated on the run row, the event written and `tmws_run`
+/// notified (delivered at commit).
 async fn append_event(conn: &mut PgConnection, run_id: Uuid, payload: &EventPayload) -> Result<()> {
-    let seq: i64 =
-        sqlx::query_scalar("UPDATE runs SET last_sequence = last_sequence + 1 WHERE id = $1 RETURNING last_sequence")
-            .bind(run_id)
-            .fetch_one(&mut *conn)
-            .await?;
-    sqlx::query("INSERT INTO run_events (run_id, sequence, payload) VALUES ($1, $2, $3)")
-        .bind(run_id)
-        .bind(seq)
-        .bind(Json(payload))
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("SELECT pg_notify($1, $2)").bind(NOTIFY_RUN).bind(run_id.to_string()).execute(&mut *conn).await?;
+    let appended = sqlx::query(
+        "WITH s AS (UPDATE runs SET last_sequence = last_sequence + 1 WHERE id = $1 RETURNING last_sequence), \
+         e AS (INSERT INTO run_events (run_id, sequence, payload) SELECT $1, s.last_sequence, $2 FROM s RETURNING sequence) \
+         SELECT e.sequence, pg_notify($3, $4) FROM e",
+    )
+    .bind(run_id)
+    .bind(Json(payload))
+    .bind(NOTIFY_RUN)
+    .bind(run_id.to_string())
+    .execute(&mut *conn)
+    .await?;
+    if appended.rows_affected() != 1 {
+        return Err(Error::internal(format!("run {run_id} vanished while appending to its log")));
+    }
     Ok(())
 }
 
@@ -335,6 +340,24 @@ async fn append_task_event(conn: &mut PgConnection, task: &Task) -> Result<()> {
         append_event(conn, run_id, &EventPayload::Task(Box::new(snapshot))).await?;
     }
     Ok(())
+}
+
+/// Starts attempt `row.task.attempt` of a run's task just leased to `worker` (the caller holds
+/// the task and its run) and appends the task to the run's log. `conflict` ends the INSERT (what
+/// an attempt row already there for that number gets). Returns the task as stored afterwards,
+/// attempts included: the lease changed the row `row` was returned from, and this statement
+/// only adds the attempt.
+async fn start_run_attempt(conn: &mut PgConnection, row: &TaskRow, worker: &str, conflict: &str) -> Result<Task> {
+    let sql = format!(
+        "WITH t AS (SELECT $1::uuid AS id), \
+         started AS ({START_ATTEMPT} VALUES ($1, $2, $3, 3) {conflict} {ATTEMPT_RETURNING}) \
+         SELECT {attempts} FROM t",
+        attempts = attempts_after("t", "started"),
+    );
+    let stored = sqlx::query(&sql).bind(row.task.id).bind(row.task.attempt).bind(worker).fetch_one(&mut *conn).await?;
+    let task = Task { attempts: attempts_column(&stored)?, ..row.task.clone() };
+    append_task_event(conn, &task).await?;
+    Ok(task)
 }
 
 /// Wakes every replica's engine (a server-side step is due now).
@@ -357,84 +380,110 @@ pub(crate) fn delay_ms(config: &Value) -> i64 {
     config.get("duration_ms").and_then(Value::as_i64).unwrap_or(0).max(0)
 }
 
-/// Makes a ready task claimable: QUEUED, available now (or after its DELAY).
-async fn queue_task(conn: &mut PgConnection, row: &TaskRow, input: &Value) -> Result<()> {
+/// Makes a ready task claimable: QUEUED, available now (or after its DELAY), in one statement
+/// that also wakes its workers (a worker step) or the engines (a server-side step due now).
+/// Appends the task to its run's log and returns it as stored.
+async fn queue_task(conn: &mut PgConnection, row: &TaskRow, input: &Value) -> Result<TaskRow> {
+    static QUEUE: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH t AS (UPDATE tasks t SET status = 2, input = $2, \
+               available_time = clock_timestamp() + make_interval(secs => $3::float8 / 1000), \
+               update_time = clock_timestamp() WHERE t.id = $1 RETURNING {TASK_COLUMNS}), \
+             n AS (SELECT pg_notify($4, $5) WHERE $5::text IS NOT NULL) \
+             SELECT t.*, (SELECT count(*) FROM n) AS notified FROM t"
+        )
+    });
     let wait_ms = if row.task.kind == StepKind::Delay { delay_ms(&row.config) } else { 0 };
-    sqlx::query(
-        "UPDATE tasks SET status = 2, input = $2, available_time = clock_timestamp() + make_interval(secs => $3::float8 / 1000), \
-         update_time = clock_timestamp() WHERE id = $1",
-    )
-    .bind(row.task.id)
-    .bind(Json(input))
-    .bind(wait_ms as f64)
-    .execute(&mut *conn)
-    .await?;
-    if row.task.kind == StepKind::Task {
-        notify_queue(conn, &row.task.namespace, &row.task.queue).await?;
+    let wake = if row.task.kind == StepKind::Task {
+        Some(format!("{}/{}", row.task.namespace, row.task.queue))
     } else if wait_ms == 0 {
-        wake_engines(conn).await?;
-    }
-    task_event(conn, row.task.id).await.map(|_| ())
+        Some(ENGINE_WAKE.to_string())
+    } else {
+        None
+    };
+    let stored = sqlx::query(QUEUE.as_str())
+        .bind(row.task.id)
+        .bind(Json(input))
+        .bind(wait_ms as f64)
+        .bind(NOTIFY_QUEUE)
+        .bind(wake)
+        .fetch_one(&mut *conn)
+        .await?;
+    let queued = task_from_row(&stored)?;
+    append_task_event(conn, &queued.task).await?;
+    Ok(queued)
+}
+
+/// Skips a BLOCKED task whose condition can no longer be met (the caller holds its run, or the
+/// task for a standalone one); appends it to its run's log and returns it as stored.
+async fn skip_task(conn: &mut PgConnection, id: Uuid, reason: &str) -> Result<TaskRow> {
+    static SKIP: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "UPDATE tasks t SET status = 7, error = $2, update_time = clock_timestamp() WHERE t.id = $1 \
+             RETURNING {TASK_COLUMNS}"
+        )
+    });
+    let stored = sqlx::query(SKIP.as_str()).bind(id).bind(reason).fetch_one(&mut *conn).await?;
+    let skipped = task_from_row(&stored)?;
+    append_task_event(conn, &skipped.task).await?;
+    Ok(skipped)
 }
 
 /// After a task of `run_id` became terminal (the caller holds the run row): unblocks or skips
 /// the children whose parents are all terminal, repeatedly, then ends the run when every task is
-/// terminal.
+/// terminal. The run's tasks are read once; each change is applied to that copy from the
+/// statement's RETURNING (nothing else changes a BLOCKED task of a locked run).
 async fn advance_run(conn: &mut PgConnection, run: &Run) -> Result<()> {
+    let rows = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks t WHERE t.run_id = $1 ORDER BY t.id"))
+        .bind(run.id)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut tasks: Vec<TaskRow> = rows.iter().map(task_from_row).collect::<Result<_>>()?;
     loop {
-        let rows = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks t WHERE t.run_id = $1 ORDER BY t.id"))
-            .bind(run.id)
-            .fetch_all(&mut *conn)
-            .await?;
-        let tasks: Vec<TaskRow> = rows.iter().map(task_from_row).collect::<Result<_>>()?;
-        let by_id: HashMap<Uuid, &TaskRow> = tasks.iter().map(|t| (t.task.id, t)).collect();
-        let mut changed = false;
-        for t in tasks.iter().filter(|t| t.task.status == TaskStatus::Blocked) {
-            let parents: Vec<&TaskRow> = t.task.depends_on.iter().filter_map(|p| by_id.get(p).copied()).collect();
-            let statuses: Vec<TaskStatus> = parents.iter().map(|p| p.task.status).collect();
-            match condition_met(t.condition, &statuses) {
-                None => {}
-                Some(true) => {
-                    let mut outputs = serde_json::Map::new();
-                    for p in &parents {
-                        let key = p.task.step_id.clone().unwrap_or_else(|| p.task.id.to_string());
-                        outputs.insert(key, p.task.output.clone().unwrap_or(Value::Null));
+        // Decide every BLOCKED task on the statuses at the start of this pass, then apply.
+        let mut decided: Vec<(usize, Option<Value>)> = Vec::new();
+        {
+            let by_id: HashMap<Uuid, &TaskRow> = tasks.iter().map(|t| (t.task.id, t)).collect();
+            for (i, t) in tasks.iter().enumerate().filter(|(_, t)| t.task.status == TaskStatus::Blocked) {
+                let parents: Vec<&TaskRow> = t.task.depends_on.iter().filter_map(|p| by_id.get(p).copied()).collect();
+                let statuses: Vec<TaskStatus> = parents.iter().map(|p| p.task.status).collect();
+                match condition_met(t.condition, &statuses) {
+                    None => {}
+                    Some(true) => {
+                        let mut outputs = serde_json::Map::new();
+                        for p in &parents {
+                            let key = p.task.step_id.clone().unwrap_or_else(|| p.task.id.to_string());
+                            outputs.insert(key, p.task.output.clone().unwrap_or(Value::Null));
+                        }
+                        decided.push((i, Some(json!({ "input": run.input, "parents": outputs }))));
                     }
-                    let input = json!({ "input": run.input, "parents": outputs });
-                    queue_task(conn, t, &input).await?;
-                    changed = true;
-                }
-                Some(false) => {
-                    sqlx::query(
-                        "UPDATE tasks SET status = 7, error = 'condition not met', update_time = clock_timestamp() WHERE id = $1",
-                    )
-                    .bind(t.task.id)
-                    .execute(&mut *conn)
-                    .await?;
-                    task_event(conn, t.task.id).await?;
-                    changed = true;
+                    Some(false) => decided.push((i, None)),
                 }
             }
         }
-        if changed {
-            continue;
+        if decided.is_empty() {
+            break;
         }
-        let all: Vec<&Task> = tasks.iter().map(|t| &t.task).collect();
-        if let Some((outcome, output, error)) = finished_run(&all) {
-            sqlx::query(
-                "UPDATE runs SET status = $2, output = $3, error = $4, end_time = clock_timestamp() WHERE id = $1",
-            )
+        for (i, input) in decided {
+            tasks[i] = match input {
+                Some(input) => queue_task(conn, &tasks[i], &input).await?,
+                None => skip_task(conn, tasks[i].task.id, "condition not met").await?,
+            };
+        }
+    }
+    let all: Vec<&Task> = tasks.iter().map(|t| &t.task).collect();
+    if let Some((outcome, output, error)) = finished_run(&all) {
+        sqlx::query("UPDATE runs SET status = $2, output = $3, error = $4, end_time = clock_timestamp() WHERE id = $1")
             .bind(run.id)
             .bind(outcome.as_i16())
             .bind(Json(output))
             .bind(error)
             .execute(&mut *conn)
             .await?;
-            append_event(conn, run.id, &EventPayload::RunStatus(outcome)).await?;
-            metrics().run_finished(&format!("{outcome:?}").to_ascii_uppercase());
-        }
-        return Ok(());
+        append_event(conn, run.id, &EventPayload::RunStatus(outcome)).await?;
+        metrics().run_finished(&format!("{outcome:?}").to_ascii_uppercase());
     }
+    Ok(())
 }
 
 /// Unblocks or skips standalone tasks waiting on `parent` (now terminal).
@@ -473,12 +522,7 @@ async fn advance_dependents(conn: &mut PgConnection, parent: Uuid) -> Result<()>
                     queue_task(conn, &child, &input).await?;
                 }
                 Some(false) => {
-                    sqlx::query(
-                        "UPDATE tasks SET status = 7, error = 'a dependency did not succeed', update_time = clock_timestamp() WHERE id = $1",
-                    )
-                    .bind(child.task.id)
-                    .execute(&mut *conn)
-                    .await?;
+                    skip_task(conn, child.task.id, "a dependency did not succeed").await?;
                     frontier.push(child.task.id);
                 }
             }
@@ -1085,16 +1129,21 @@ impl WorkflowStore for PgStore {
                 return Ok(task);
             }
         }
-        // Dependencies: existing standalone tasks of the namespace; locked so their state cannot
-        // change between reading it and deciding this task's.
+        // Dependencies: existing standalone tasks of the namespace; locked (in id order, so two
+        // creations sharing dependencies cannot deadlock) so their state cannot change between
+        // reading it and deciding this task's. The lock is the one an UPDATE takes, because a
+        // BLOCKED task marks its unfinished dependencies (`dependents_waiting`, below).
         let deps = if t.depends_on.is_empty() {
             Vec::new()
         } else {
-            sqlx::query("SELECT id, status, output FROM tasks WHERE id = ANY($1) AND namespace = $2 AND run_id IS NULL FOR SHARE")
-                .bind(&t.depends_on)
-                .bind(&t.namespace)
-                .fetch_all(&mut *tx)
-                .await?
+            sqlx::query(
+                "SELECT id, status, output FROM tasks WHERE id = ANY($1) AND namespace = $2 AND run_id IS NULL \
+                 ORDER BY id FOR NO KEY UPDATE",
+            )
+            .bind(&t.depends_on)
+            .bind(&t.namespace)
+            .fetch_all(&mut *tx)
+            .await?
         };
         if deps.len() != t.depends_on.len() {
             let found: HashSet<Uuid> = deps.iter().filter_map(|r| r.try_get("id").ok()).collect();
@@ -1157,6 +1206,19 @@ impl WorkflowStore for PgStore {
         .await?;
         if status == TaskStatus::Queued {
             notify_queue(&mut tx, &t.namespace, &t.queue).await?;
+        }
+        if status == TaskStatus::Blocked {
+            // Completing an unfinished dependency must now look for this task (`complete_fast`).
+            let waiting_on: Vec<Uuid> = deps
+                .iter()
+                .zip(&statuses)
+                .filter(|(_, s)| !s.is_terminal())
+                .map(|(r, _)| r.try_get("id"))
+                .collect::<std::result::Result<_, _>>()?;
+            sqlx::query("UPDATE tasks SET dependents_waiting = true WHERE id = ANY($1) AND NOT dependents_waiting")
+                .bind(&waiting_on)
+                .execute(&mut *tx)
+                .await?;
         }
         let task = fetch_task(&mut tx, t.id).await?;
         record_call(&mut tx, audit, &[t.id]).await?;
@@ -1246,18 +1308,23 @@ impl WorkflowStore for PgStore {
                 attempts = attempts_after("t", "started"),
             )
         });
-        let mut tx = self.pool().begin().await?;
+        let key = format!("{ns}/{queue}");
         let event = call_event(audit, &[]);
-        let query = sqlx::query(CLAIM.as_str()).bind(ns).bind(queue).bind(max as i64).bind(worker).bind(lease_ms);
-        let rows = bind_audit(query, event.as_ref()).fetch_all(&mut *tx).await?;
-        let now = Utc::now();
-        for row in &rows {
-            if let Ok(available) = row.try_get::<DateTime<Utc>, _>("available_time") {
-                metrics().claim_waited(queue, (now - available).num_microseconds().unwrap_or(0) as f64 / 1e6);
+        if !self.run_queues.recently(&key) {
+            match claim_fast(self, ns, queue, worker, max, lease_ms, event.as_ref()).await? {
+                Some(leased) => return Ok(leased),
+                None => self.run_queues.mark(&key),
             }
         }
+        let mut tx = self.pool().begin().await?;
+        let query = sqlx::query(CLAIM.as_str()).bind(ns).bind(queue).bind(max as i64).bind(worker).bind(lease_ms);
+        let rows = bind_audit(query, event.as_ref()).fetch_all(&mut *tx).await?;
+        record_claim_wait(queue, &rows);
         let mut claimed: Vec<(TaskRow, &PgRow)> =
             rows.iter().map(|r| task_from_row(r).map(|t| (t, r))).collect::<Result<_>>()?;
+        if claimed.iter().any(|(t, _)| t.task.run_id.is_some()) {
+            self.run_queues.mark(&key);
+        }
         // Whether the statement wrote the audit row (its `listed` had a row).
         let audited =
             (1..=LISTED_RESOURCES).contains(&claimed.len()) && claimed.iter().all(|(t, _)| t.task.run_id.is_none());
@@ -1277,14 +1344,7 @@ impl WorkflowStore for PgStore {
                         cancel_straggler(&mut tx, &row).await?;
                         continue;
                     }
-                    sqlx::query(&format!("{START_ATTEMPT} VALUES ($1, $2, $3, 3) {START_ATTEMPT_CONFLICT}"))
-                        .bind(row.task.id)
-                        .bind(row.task.attempt)
-                        .bind(worker)
-                        .execute(&mut *tx)
-                        .await?;
-                    // One read of the leased task serves both the run's event log and the answer.
-                    task_event(&mut tx, row.task.id).await?
+                    start_run_attempt(&mut tx, &row, worker, START_ATTEMPT_CONFLICT).await?
                 }
             };
             let token = row.lease_token.ok_or_else(|| Error::internal("claimed task has no lease token"))?;
@@ -1435,16 +1495,8 @@ impl WorkflowStore for PgStore {
                 cancel_straggler(&mut tx, &row).await?;
                 continue;
             }
-            sqlx::query(
-                "INSERT INTO task_attempts (task_id, attempt, worker_id, status) VALUES ($1, $2, $3, 3) \
-                 ON CONFLICT (task_id, attempt) DO NOTHING",
-            )
-            .bind(row.task.id)
-            .bind(row.task.attempt)
-            .bind(ENGINE_WORKER)
-            .execute(&mut *tx)
-            .await?;
-            let task = task_event(&mut tx, row.task.id).await?;
+            let task =
+                start_run_attempt(&mut tx, &row, ENGINE_WORKER, "ON CONFLICT (task_id, attempt) DO NOTHING").await?;
             let token = row.lease_token.ok_or_else(|| Error::internal("leased step has no token"))?;
             out.push(ServerStep {
                 leased: LeasedTask { task, lease_token: token },
@@ -1488,6 +1540,153 @@ fn lease_expired(row: &TaskRow) -> bool {
     row.task.lease_expire_time.is_some_and(|t| t < now) || row.attempt_deadline.is_some_and(|t| t < now)
 }
 
+/// How long a queue whose claim met a run's task keeps taking the transactional claim path.
+const RUN_QUEUE_MEMORY: Duration = Duration::from_secs(60);
+/// At most this many queues are remembered (past it, expired entries go, then all).
+const RUN_QUEUES_REMEMBERED: usize = 10_000;
+
+/// The queues (`namespace/queue`) whose claims recently met a task of a workflow run. A claim
+/// first tries [`claim_fast`], which leases standalone tasks only; when its pick includes a
+/// run's task it leases nothing and the claim takes the transactional path. Remembering such
+/// queues for a while spares their claims the refused attempt. Only a hint: either path is
+/// correct for any queue.
+#[derive(Debug, Default)]
+pub(crate) struct RunQueues(std::sync::Mutex<HashMap<String, Instant>>);
+
+impl RunQueues {
+    fn recently(&self, key: &str) -> bool {
+        let seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(key).is_some_and(|t| t.elapsed() < RUN_QUEUE_MEMORY)
+    }
+
+    fn mark(&self, key: &str) {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= RUN_QUEUES_REMEMBERED && !seen.contains_key(key) {
+            seen.retain(|_, t| t.elapsed() < RUN_QUEUE_MEMORY);
+            if seen.len() >= RUN_QUEUES_REMEMBERED {
+                seen.clear();
+            }
+        }
+        seen.insert(key.to_string(), Instant::now());
+    }
+}
+
+/// Records how long each claimed task waited in its queue.
+fn record_claim_wait(queue: &str, rows: &[PgRow]) {
+    let now = Utc::now();
+    for row in rows {
+        if let Ok(available) = row.try_get::<DateTime<Utc>, _>("available_time") {
+            metrics().claim_waited(queue, (now - available).num_microseconds().unwrap_or(0) as f64 / 1e6);
+        }
+    }
+}
+
+/// ClaimTasks in one autocommitted statement when every task it picks is standalone: leases
+/// them, starts their attempts and writes the call's audit row (naming the first
+/// `LISTED_RESOURCES` ids in answer order, as [`call_event`] does, and counting the rest).
+/// Returns the leased tasks by id, or `None` when the pick included a run's task: then nothing
+/// was changed (the picked rows were only locked for the statement) and the caller claims in a
+/// transaction, which takes each run's lock after its task.
+async fn claim_fast(
+    store: &PgStore,
+    ns: &str,
+    queue: &str,
+    worker: &str,
+    max: usize,
+    lease_ms: i64,
+    event: Option<&AuditEvent>,
+) -> Result<Option<Vec<LeasedTask>>> {
+    static CLAIM: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH picked AS (SELECT id, run_id FROM tasks WHERE namespace = $1 AND queue = $2 AND status = 2 AND kind = 1 \
+               AND available_time <= clock_timestamp() ORDER BY priority DESC, available_time, id LIMIT $3 \
+               FOR UPDATE SKIP LOCKED), \
+             pick AS (SELECT count(*) FILTER (WHERE run_id IS NOT NULL) AS in_runs FROM picked), \
+             t AS (UPDATE tasks t SET status = 3, attempt = t.attempt + 1, worker_id = $4, lease_token = gen_random_uuid(), \
+               lease_duration_ms = $5, lease_expire_time = clock_timestamp() + make_interval(secs => $5::float8 / 1000), \
+               attempt_deadline = CASE WHEN t.attempt_timeout_ms IS NULL THEN NULL \
+                 ELSE clock_timestamp() + make_interval(secs => t.attempt_timeout_ms::float8 / 1000) END, \
+               update_time = clock_timestamp() \
+               FROM picked, pick WHERE t.id = picked.id AND pick.in_runs = 0 RETURNING {TASK_COLUMNS}), \
+             started AS ({START_ATTEMPT} SELECT t.id, t.attempt, $4, 3 FROM t {START_ATTEMPT_CONFLICT} {ATTEMPT_RETURNING}), \
+             listed AS (SELECT concat_ws(',', \
+                 (SELECT string_agg(f.id::text, ',' ORDER BY f.id) FROM (SELECT id FROM t ORDER BY id LIMIT {LISTED_RESOURCES}) f), \
+                 CASE WHEN count(*) > {LISTED_RESOURCES} THEN '... ' || (count(*) - {LISTED_RESOURCES}) || ' more' END) \
+                 AS resource_id FROM t HAVING count(*) > 0), \
+             audited AS ({audit_insert}) \
+             SELECT pick.in_runs, t.*, {attempts} FROM pick LEFT JOIN t ON true",
+            audit_insert = audit_insert_sql(6, Some("listed")),
+            attempts = attempts_after("t", "started"),
+        )
+    });
+    let query = sqlx::query(CLAIM.as_str()).bind(ns).bind(queue).bind(max as i64).bind(worker).bind(lease_ms);
+    let rows = bind_audit(query, event).fetch_all(store.pool()).await?;
+    let in_runs: i64 = match rows.first() {
+        Some(row) => row.try_get("in_runs")?,
+        None => 0,
+    };
+    if in_runs > 0 {
+        return Ok(None);
+    }
+    // No task leased: one row of NULLs (the LEFT JOIN).
+    let rows: Vec<PgRow> =
+        rows.into_iter().filter(|r| r.try_get::<Option<Uuid>, _>("id").ok().flatten().is_some()).collect();
+    record_claim_wait(queue, &rows);
+    let mut leased = rows
+        .iter()
+        .map(|r| {
+            let row = task_from_row(r)?;
+            let token = row.lease_token.ok_or_else(|| Error::internal("claimed task has no lease token"))?;
+            Ok(LeasedTask { task: Task { attempts: attempts_column(r)?, ..row.task }, lease_token: token })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    leased.sort_by_key(|l| l.task.id);
+    Ok(Some(leased))
+}
+
+/// CompleteTask of a standalone task no task waits for, in one autocommitted statement: when
+/// the task is LEASED under `token`, its lease current, outside a run and without
+/// `dependents_waiting` (migration 0009), it succeeds with `output`, its attempt ends and the
+/// call's audit row (`event`) is written; the task is returned as stored. Anything else changes
+/// nothing and returns `None`, and the caller takes the locking path (run tasks, dependents,
+/// stale or repeated calls). The UPDATE locks the row; one that waited for a concurrent change
+/// re-checks these conditions on the new row version, so a CreateTask that marked the task
+/// meanwhile sends this completion down the locking path.
+async fn complete_fast(
+    store: &PgStore,
+    ns: &str,
+    id: Uuid,
+    token: Uuid,
+    output: &Value,
+    event: Option<&AuditEvent>,
+) -> Result<Option<Task>> {
+    static COMPLETE: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH t AS (UPDATE tasks t SET status = 4, output = $4, error = '', lease_expire_time = NULL, \
+               update_time = clock_timestamp() \
+               WHERE t.id = $1 AND t.namespace = $2 AND t.lease_token = $3 AND t.status = 3 AND t.run_id IS NULL \
+                 AND NOT t.dependents_waiting AND coalesce(t.lease_expire_time >= clock_timestamp(), true) \
+                 AND coalesce(t.attempt_deadline >= clock_timestamp(), true) \
+               RETURNING {TASK_COLUMNS}), \
+             ended AS (UPDATE task_attempts a SET status = 4, end_time = clock_timestamp() FROM t \
+               WHERE a.task_id = t.id AND a.attempt = t.attempt \
+               RETURNING a.task_id, a.attempt, a.worker_id, a.start_time, a.end_time, a.status, a.error), \
+             listed AS (SELECT t.id::text AS resource_id FROM t), \
+             audited AS ({audit_insert}) \
+             SELECT t.*, {attempts} FROM t",
+            audit_insert = audit_insert_sql(5, Some("listed")),
+            attempts = attempts_after("t", "ended"),
+        )
+    });
+    let query = sqlx::query(COMPLETE.as_str()).bind(id).bind(ns).bind(token).bind(Json(output));
+    let Some(stored) = bind_audit(query, event).fetch_optional(store.pool()).await? else {
+        return Ok(None);
+    };
+    let mut task = task_from_row(&stored)?.task;
+    task.attempts = attempts_column(&stored)?;
+    Ok(Some(task))
+}
+
 /// CompleteTask / FailTask: the lease token must be current; a duplicate complete with the same
 /// token is answered with the recorded result (exactly-once recording).
 async fn worker_outcome(
@@ -1498,6 +1697,12 @@ async fn worker_outcome(
     outcome: Result<Value, (String, bool)>,
     audit: Option<&AuditEvent>,
 ) -> Result<Task> {
+    let event = call_event(audit, &[id]);
+    if let Ok(output) = &outcome
+        && let Some(task) = complete_fast(store, ns, id, token, output, event.as_ref()).await?
+    {
+        return Ok(task);
+    }
     let mut tx = store.pool().begin().await?;
     let row = lock_task(&mut tx, ns, id).await?.ok_or_else(|| Error::not_found("task", id.to_string()))?;
     let same_token = row.lease_token == Some(token);
@@ -1522,7 +1727,6 @@ async fn worker_outcome(
         tx.commit().await?;
         return Err(aborted(id));
     }
-    let event = call_event(audit, &[id]);
     let task = finish_attempt(&mut tx, &row, run.as_ref(), outcome, event.as_ref()).await?;
     tx.commit().await?;
     Ok(task)

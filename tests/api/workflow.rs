@@ -614,6 +614,29 @@ async fn worker_calls_answer_with_the_task_as_stored() {
         let leased = claim(&mut c, queue, "w4", 25, 1000).await;
         let answered: Vec<String> = leased.iter().filter_map(|l| l.task.as_ref().map(|t| t.id.clone())).collect();
         assert_eq!(answered, ids, "{queue}: every task, by id");
+        for l in &leased {
+            let task = l.task.clone().expect("task");
+            assert_eq!(task, get_task(&mut c, &task.id).await, "{queue}: claim answers as stored");
+            assert_eq!(task.attempts.len(), 1);
+        }
+        if queue == "batch3" {
+            // A task nothing waits for completes in one statement; same answer, same audit row.
+            let done = complete(&mut c, &leased[0], serde_json::json!({"n": 1})).await.expect("complete");
+            assert_eq!(done, get_task(&mut c, &ids[0]).await);
+            assert_eq!(
+                (done.status, done.attempts[0].status),
+                (pb::TaskStatus::Succeeded as i32, pb::TaskStatus::Succeeded as i32)
+            );
+            assert!(done.lease_expire_time.is_none() && done.attempts[0].end_time.is_some());
+            let again = complete(&mut c, &leased[0], serde_json::json!({"n": 1})).await.expect("repeat");
+            assert_eq!(again, done);
+            let mut forged = leased[1].clone();
+            forged.lease_token = leased[2].lease_token.clone();
+            let forged =
+                complete(&mut c, &forged, serde_json::json!({})).await.map(|_| ()).expect_err("another task's token");
+            assert_eq!(forged.code(), Code::FailedPrecondition);
+            assert_eq!(get_task(&mut c, &ids[1]).await.status, pb::TaskStatus::Leased as i32, "untouched");
+        }
         batches.push(ids);
     }
     let events = app
@@ -640,11 +663,55 @@ async fn worker_calls_answer_with_the_task_as_stored() {
     claims.push(format!("{},... 2 more", batches[1][..20].join(",")));
     claims.sort();
     assert_eq!(resources("ClaimTasks"), claims);
-    assert_eq!(resources("CompleteTask"), vec![parent.id.clone()], "a repeated complete changes nothing");
+    let mut completes = vec![parent.id.clone(), batches[0][0].clone()];
+    completes.sort();
+    assert_eq!(resources("CompleteTask"), completes, "a repeated or refused complete changes nothing");
     let mut fails = vec![parent.id.clone(), child.id.clone()];
     fails.sort();
     assert_eq!(resources("FailTask"), fails);
     app.stop().await.expect("stop");
+}
+
+/// A dependent created while its dependency completes is never left BLOCKED: whichever ends
+/// first, the new task ends up QUEUED (with the dependency's output) once both calls returned.
+#[tokio::test]
+async fn a_dependent_created_while_its_dependency_completes_is_queued() {
+    let app = spawn_app_env(&FAST).await;
+    let mut c = app.workflow();
+    let mk = |title: &str, deps: Vec<String>| pb::CreateTaskRequest {
+        task: Some(pb::Task {
+            title: title.into(),
+            queue: "race".into(),
+            depends_on: deps,
+            input: Some(json_to_struct(serde_json::json!({}))),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    for round in 0..40 {
+        let parent = c.create_task(mk("parent", vec![])).await.expect("parent").into_inner();
+        let leased = claim(&mut c, "race", "w", 1, 1000).await;
+        assert_eq!(leased[0].task.as_ref().map(|t| t.id.clone()), Some(parent.id.clone()));
+        let (mut c1, mut c2) = (c.clone(), c.clone());
+        let (child, done) =
+            tokio::join!(async move { c1.create_task(mk("child", vec![parent.id.clone()])).await }, async move {
+                complete(&mut c2, &leased[0], serde_json::json!({"round": round})).await
+            },);
+        let child = child.expect("create child").into_inner();
+        assert_eq!(done.expect("complete").status, pb::TaskStatus::Succeeded as i32);
+        let stored = get_task(&mut c, &child.id).await;
+        assert_eq!(stored.status, pb::TaskStatus::Queued as i32, "round {round}: the child must not stay blocked");
+        let next = claim(&mut c, "race", "w", 1, 1000).await;
+        let input = struct_to_json(next[0].task.clone().expect("task").input.expect("input"));
+        assert_eq!(input["parents"][parent_id(&next[0])]["round"], f64::from(round));
+        complete(&mut c, &next[0], serde_json::json!({})).await.expect("complete child");
+    }
+    app.stop().await.expect("stop");
+}
+
+/// The id of the only dependency of a leased task.
+fn parent_id(l: &pb::LeasedTask) -> String {
+    l.task.as_ref().and_then(|t| t.depends_on.first().cloned()).unwrap_or_default()
 }
 
 #[tokio::test]
