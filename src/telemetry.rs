@@ -82,9 +82,10 @@ pub fn init(format: LogFormat) -> anyhow::Result<TelemetryGuard> {
 
     // Spans always get OpenTelemetry ids (so logs carry trace ids and incoming trace context is
     // continued); they leave the process only when an OTLP endpoint is configured.
-    let export_traces = env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+    let export_traces = (env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        && std::env::var("OTEL_TRACES_EXPORTER").map(|v| v != "none").unwrap_or(true);
     let mut tracer = SdkTracerProvider::builder().with_resource(resource());
-    if export_traces && std::env::var("OTEL_TRACES_EXPORTER").map(|v| v != "none").unwrap_or(true) {
+    if export_traces {
         tracer = tracer.with_batch_exporter(opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?);
     }
     let tracer = tracer.build();
@@ -120,13 +121,16 @@ pub fn init(format: LogFormat) -> anyhow::Result<TelemetryGuard> {
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer().compact().with_filter(log_filter.clone()).boxed(),
     };
-    // What reaches any layer: the log filter, plus the service's own debug-level spans (database,
-    // embedding, engine) so the collector gets them whatever RUST_LOG says. The exporter's own
-    // machinery (the OpenTelemetry SDK and its gRPC client) is never traced: exporting spans about
-    // exporting spans would loop. The log output keeps to RUST_LOG.
-    let global_filter = log_filter
-        .clone()
-        .with_target("tmws", tracing::Level::DEBUG)
+    // What reaches any layer: the log filter, plus, when traces are exported, the service's own
+    // debug-level spans (database, embedding, engine) so the collector gets them whatever
+    // RUST_LOG says (without an exporter nobody would see them, and each costs CPU on every
+    // call). The exporter's own machinery (the OpenTelemetry SDK and its gRPC client) is never
+    // traced: exporting spans about exporting spans would loop. The log output keeps to RUST_LOG.
+    let mut global_filter = log_filter.clone();
+    if export_traces {
+        global_filter = global_filter.with_target("tmws", tracing::Level::DEBUG);
+    }
+    let global_filter = global_filter
         .with_target("opentelemetry", LevelFilter::WARN)
         .with_target("opentelemetry_sdk", LevelFilter::WARN)
         .with_target("opentelemetry_otlp", LevelFilter::WARN);
