@@ -973,55 +973,69 @@ impl WorkflowStore for PgStore {
         };
         let steps = &wf.definition.steps;
         let ids: HashMap<&str, Uuid> = steps.iter().map(|s| (s.id.as_str(), Uuid::now_v7())).collect();
-        for s in steps {
-            let retry = s.retry_policy.or(wf.definition.retry_policy).unwrap_or(default_retry);
-            let deps: Vec<Uuid> = s.depends_on.iter().filter_map(|d| ids.get(d.as_str()).copied()).collect();
-            let status = if deps.is_empty() { TaskStatus::Queued } else { TaskStatus::Blocked };
-            let mut config = s.config.clone();
-            if s.kind == StepKind::Delay
-                && let Value::Object(map) = &mut config
-                && let Some(ms) =
-                    map.get("duration").and_then(Value::as_str).and_then(|d| crate::config::parse_duration_str(d).ok())
-            {
-                map.insert("duration_ms".into(), json!(ms.as_millis() as i64));
+        // The run's tasks, with multi-row INSERTs (20 parameters a row; PostgreSQL allows 65,535
+        // a statement), returning the roots as stored for the event log.
+        let mut roots: HashMap<Uuid, Task> = HashMap::new();
+        for chunk in steps.chunks(1000) {
+            let mut qb = QueryBuilder::<Postgres>::new(
+                "INSERT INTO tasks AS t (id, namespace, run_id, step_id, kind, title, queue, priority, depends_on, condition, \
+                 config, status, max_attempts, initial_backoff_ms, max_backoff_ms, backoff_multiplier, attempt_timeout_ms, \
+                 input, created_by, available_time) ",
+            );
+            qb.push_values(chunk, |mut b, s| {
+                let retry = s.retry_policy.or(wf.definition.retry_policy).unwrap_or(default_retry);
+                let deps: Vec<Uuid> = s.depends_on.iter().filter_map(|d| ids.get(d.as_str()).copied()).collect();
+                let status = if deps.is_empty() { TaskStatus::Queued } else { TaskStatus::Blocked };
+                let mut config = s.config.clone();
+                if s.kind == StepKind::Delay
+                    && let Value::Object(map) = &mut config
+                    && let Some(ms) = map
+                        .get("duration")
+                        .and_then(Value::as_str)
+                        .and_then(|d| crate::config::parse_duration_str(d).ok())
+                {
+                    map.insert("duration_ms".into(), json!(ms.as_millis() as i64));
+                }
+                let wait_ms = if deps.is_empty() && s.kind == StepKind::Delay { delay_ms(&config) } else { 0 };
+                let task_input = if deps.is_empty() { json!({ "input": input, "parents": {} }) } else { json!({}) };
+                b.push_bind(ids[s.id.as_str()])
+                    .push_bind(&wf.namespace)
+                    .push_bind(run_id)
+                    .push_bind(&s.id)
+                    .push_bind(s.kind.as_i16())
+                    .push_bind(format!("{}/{}", wf.name, s.id))
+                    .push_bind(&s.queue)
+                    .push_bind(s.priority.as_i16())
+                    .push_bind(deps)
+                    .push_bind(s.condition.as_i16())
+                    .push_bind(Json(config))
+                    .push_bind(status.as_i16())
+                    .push_bind(retry.max_attempts)
+                    .push_bind(retry.initial_backoff_ms)
+                    .push_bind(retry.max_backoff_ms)
+                    .push_bind(retry.multiplier)
+                    .push_bind(s.timeout_ms)
+                    .push_bind(Json(task_input))
+                    .push_bind(created_by)
+                    .push("clock_timestamp() + make_interval(secs => ")
+                    .push_bind_unseparated(wait_ms as f64)
+                    .push_unseparated("::float8 / 1000)");
+            });
+            qb.push(format!(" RETURNING {TASK_COLUMNS}"));
+            for row in qb.build().fetch_all(&mut *tx).await? {
+                let task = task_from_row(&row)?.task;
+                if task.depends_on.is_empty() {
+                    roots.insert(task.id, task);
+                }
             }
-            let wait_ms = if deps.is_empty() && s.kind == StepKind::Delay { delay_ms(&config) } else { 0 };
-            let task_input = if deps.is_empty() { json!({ "input": input, "parents": {} }) } else { json!({}) };
-            sqlx::query(
-                "INSERT INTO tasks (id, namespace, run_id, step_id, kind, title, queue, priority, depends_on, condition, config, \
-                 status, max_attempts, initial_backoff_ms, max_backoff_ms, backoff_multiplier, attempt_timeout_ms, input, \
-                 created_by, available_time) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-                 $18, $19, clock_timestamp() + make_interval(secs => $20::float8 / 1000))",
-            )
-            .bind(ids[s.id.as_str()])
-            .bind(&wf.namespace)
-            .bind(run_id)
-            .bind(&s.id)
-            .bind(s.kind.as_i16())
-            .bind(format!("{}/{}", wf.name, s.id))
-            .bind(&s.queue)
-            .bind(s.priority.as_i16())
-            .bind(&deps)
-            .bind(s.condition.as_i16())
-            .bind(Json(&config))
-            .bind(status.as_i16())
-            .bind(retry.max_attempts)
-            .bind(retry.initial_backoff_ms)
-            .bind(retry.max_backoff_ms)
-            .bind(retry.multiplier)
-            .bind(s.timeout_ms)
-            .bind(Json(task_input))
-            .bind(created_by)
-            .bind(wait_ms as f64)
-            .execute(&mut *tx)
-            .await?;
         }
-        // Event log: the run starts, then each root task is queued.
+        // Event log: the run starts, then each root task is queued (in step order).
         append_event(&mut tx, run_id, &EventPayload::RunStatus(RunStatus::Running)).await?;
         let mut queues = HashSet::new();
         let mut engine_work = false;
         for s in steps.iter().filter(|s| s.depends_on.is_empty()) {
-            task_event(&mut tx, ids[s.id.as_str()]).await?;
+            let task = roots.get(&ids[s.id.as_str()]).ok_or_else(|| Error::internal("a root task was not written"))?;
+            append_task_event(&mut tx, task).await?;
             if s.kind == StepKind::Task {
                 queues.insert(s.queue.clone());
             } else {

@@ -475,7 +475,7 @@ impl WorkflowService {
                         return;
                     }
                 };
-                let full = events.len() == 100;
+                let (full, none) = (events.len() == 100, events.is_empty());
                 for e in events {
                     last = e.sequence;
                     let ended = matches!(e.payload, super::EventPayload::RunStatus(s) if s.is_terminal());
@@ -486,11 +486,15 @@ impl WorkflowService {
                 if full {
                     continue;
                 }
-                // A run that already ended with no newer events (resumed late): done.
-                match store.get_run(&ns, id).await {
-                    Ok(Some(r)) if r.status.is_terminal() && r.last_sequence <= last => return,
-                    Ok(None) => return,
-                    _ => {}
+                // Nothing new: a run that already ended (resumed late, after its last event) or
+                // was deleted ends the stream. (A run's last event is its end, so a read that
+                // returned events without it leaves the run running.)
+                if none {
+                    match store.get_run(&ns, id).await {
+                        Ok(Some(r)) if r.status.is_terminal() && r.last_sequence <= last => return,
+                        Ok(None) => return,
+                        _ => {}
+                    }
                 }
                 let wait = tokio::time::sleep(Duration::from_secs(1));
                 tokio::pin!(wait);
@@ -735,12 +739,18 @@ impl WorkflowService {
 
     // ---- the engine --------------------------------------------------------------------------
 
-    /// One round of engine work; returns whether anything happened.
-    pub async fn tick(&self) -> Result<bool> {
-        let expired = self.store.expire_leases(100).await?;
-        let timed_out = self.store.time_out_runs(50).await?;
+    /// One round of engine work: with `sweep`, expired leases and timed-out runs first; then the
+    /// due server-side steps. Returns whether the sweep found anything and whether any step ran.
+    async fn tick(&self, sweep: bool) -> Result<(bool, bool)> {
+        let swept = if sweep {
+            let expired = self.store.expire_leases(100).await?;
+            let timed_out = self.store.time_out_runs(50).await?;
+            expired + timed_out > 0
+        } else {
+            false
+        };
         let steps = self.store.lease_server_steps(50, 60_000).await?;
-        let busy = expired + timed_out + steps.len() > 0;
+        let stepped = !steps.is_empty();
         for step in steps {
             let span = tracing::debug_span!(
                 "workflow.step",
@@ -754,7 +764,7 @@ impl WorkflowService {
             }
             self.run_server_step(step.leased, step.config, step.created_by).instrument(span).await;
         }
-        Ok(busy)
+        Ok((swept, stepped))
     }
 
     async fn run_server_step(&self, leased: LeasedTask, config: Value, created_by: String) {
@@ -841,17 +851,32 @@ impl WorkflowService {
     }
 
     /// Runs the engine every `TMWS_ENGINE_TICK` (immediately again while there is work) until
-    /// `stop` turns true.
+    /// `stop` turns true. Server-side steps are leased on every round; the sweeps for expired
+    /// leases and timed-out runs at most once per `TMWS_ENGINE_TICK`, unless the last sweep
+    /// found work (a backlog is drained at once), so a run of many server-side steps does not
+    /// repeat them after every step.
     pub fn spawn_engine(&self, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         // Woken early when a server-side step becomes due on any replica (NOTIFY).
         let mut notes = self.notifier.subscribe();
         tokio::spawn(async move {
+            let mut last_sweep: Option<tokio::time::Instant> = None;
+            let mut sweep_busy = false;
             loop {
-                let busy = match this.tick().await {
-                    Ok(b) => b,
+                let sweep = sweep_busy || last_sweep.is_none_or(|t| t.elapsed() >= this.cfg.engine_tick);
+                if sweep {
+                    last_sweep = Some(tokio::time::Instant::now());
+                }
+                let busy = match this.tick(sweep).await {
+                    Ok((swept, stepped)) => {
+                        if sweep {
+                            sweep_busy = swept;
+                        }
+                        swept || stepped
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "workflow engine round failed");
+                        sweep_busy = false;
                         false
                     }
                 };

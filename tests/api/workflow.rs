@@ -417,6 +417,14 @@ async fn watch_streams_a_snapshot_then_every_change_in_order() {
     let only = resumed.next().await.expect("one event").expect("ok");
     assert_eq!(only.sequence, last_seq);
     assert!(resumed.next().await.is_none());
+    // Resuming after the last event of an ended run: nothing to send, the stream ends.
+    let mut late = c
+        .watch_run(pb::WatchRunRequest { id: run.id.clone(), after_sequence: last_seq, ..Default::default() })
+        .await
+        .expect("resume late")
+        .into_inner();
+    let end = tokio::time::timeout(Duration::from_secs(5), late.next()).await.expect("the stream ends");
+    assert!(end.is_none());
     app.stop().await.expect("stop");
 }
 
