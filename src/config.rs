@@ -173,6 +173,11 @@ pub const SETTINGS: &[Setting] = &[
         help: "Filtered searches matching fewer rows than this are answered exactly (prefilter, then sort by distance) instead of through HNSW",
     },
     Setting {
+        name: "TMWS_EXACT_SEARCH_ESTIMATE_TTL",
+        default: "10s",
+        help: "How long a filtered search's plan choice (exact or HNSW) is reused for the same caller, namespace and filter before it is estimated again; 0 estimates every time",
+    },
+    Setting {
         name: "TMWS_TEXT_SEARCH_CONFIG",
         default: "english",
         help: "PostgreSQL text search configuration used for keyword search",
@@ -421,6 +426,7 @@ pub struct MemoryConfig {
     pub hnsw_ef_construction: u32,
     pub hnsw_ef_search: u32,
     pub exact_search_threshold: u64,
+    pub exact_search_estimate_ttl: Duration,
     pub text_search_config: String,
 }
 
@@ -737,6 +743,7 @@ impl Config {
             hnsw_ef_construction: parse_range(&get, "TMWS_HNSW_EF_CONSTRUCTION", 64, 4, 1000)?,
             hnsw_ef_search: parse_range(&get, "TMWS_HNSW_EF_SEARCH", 40, 1, 1000)?,
             exact_search_threshold: parse_range(&get, "TMWS_EXACT_SEARCH_THRESHOLD", 10_000, 0, 100_000_000)?,
+            exact_search_estimate_ttl: parse_duration(&get, "TMWS_EXACT_SEARCH_ESTIMATE_TTL", secs(10))?,
             text_search_config,
         };
         if memory.sweep_interval.is_zero() {

@@ -123,6 +123,37 @@ pub struct MemoryService {
     cfg: Arc<MemoryConfig>,
     tokens: PageTokens,
     access: Arc<AccessTracker>,
+    plans: Arc<PlanChoices>,
+}
+
+/// At most this many filtered-search plan choices are remembered (past it, expired ones go,
+/// then all).
+const PLAN_CHOICES_REMEMBERED: usize = 4096;
+
+/// Recent plan choices of filtered searches (exact or HNSW), by caller, namespace, model and
+/// filter, each for `TMWS_EXACT_SEARCH_ESTIMATE_TTL`: estimating costs a round trip (and the
+/// planning of the filter) per search, while the answer changes only as the data does. A choice
+/// that went stale meanwhile still gives correct results: the exact plan is always exact, and
+/// HNSW with iterative scan returns k rows when k match.
+#[derive(Debug, Default)]
+struct PlanChoices(std::sync::Mutex<HashMap<String, (std::time::Instant, bool)>>);
+
+impl PlanChoices {
+    fn get(&self, key: &str, ttl: Duration) -> Option<bool> {
+        let seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(key).filter(|(t, _)| t.elapsed() < ttl).map(|(_, exact)| *exact)
+    }
+
+    fn put(&self, key: String, exact: bool, ttl: Duration) {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= PLAN_CHOICES_REMEMBERED && !seen.contains_key(&key) {
+            seen.retain(|_, (t, _)| t.elapsed() < ttl);
+            if seen.len() >= PLAN_CHOICES_REMEMBERED {
+                seen.clear();
+            }
+        }
+        seen.insert(key, (std::time::Instant::now(), exact));
+    }
 }
 
 /// What a List page token is bound to.
@@ -155,6 +186,7 @@ impl MemoryService {
             cfg: Arc::new(cfg),
             tokens: PageTokens::new(&key)?,
             access: Arc::new(AccessTracker::default()),
+            plans: Arc::default(),
         })
     }
 
@@ -671,8 +703,22 @@ impl MemoryService {
         if filter.is_empty() || threshold == 0 {
             return Ok(false);
         }
+        let ttl = self.cfg.exact_search_estimate_ttl;
+        let key = if ttl.is_zero() {
+            None
+        } else {
+            let filter = serde_json::to_string(filter).map_err(|e| Error::internal(format!("filter key: {e}")))?;
+            Some(format!("{}\u{1f}{}\u{1f}{:?}\u{1f}{ns}\u{1f}{model}\u{1f}{filter}", p.agent_id, p.namespace, p.role))
+        };
+        if let Some(exact) = key.as_deref().and_then(|k| self.plans.get(k, ttl)) {
+            return Ok(exact);
+        }
         let n = self.store.count_matching(p, ns, filter, model, self.embedder.dimension(), threshold).await?;
-        Ok(n < threshold)
+        let exact = n < threshold;
+        if let Some(key) = key {
+            self.plans.put(key, exact, ttl);
+        }
+        Ok(exact)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -859,6 +905,29 @@ mod tests {
         assert_eq!(json_depth(&serde_json::json!({})), 1);
         assert_eq!(json_depth(&serde_json::json!({"a": {"b": [1]}})), 3);
         assert_eq!(json_depth(&serde_json::json!(3)), 0);
+    }
+
+    #[test]
+    fn plan_choices_expire_and_stay_bounded() {
+        let plans = PlanChoices::default();
+        let ttl = Duration::from_millis(50);
+        assert_eq!(plans.get("a", ttl), None);
+        plans.put("a".into(), true, ttl);
+        plans.put("b".into(), false, ttl);
+        assert_eq!((plans.get("a", ttl), plans.get("b", ttl)), (Some(true), Some(false)));
+        plans.put("a".into(), false, ttl);
+        assert_eq!(plans.get("a", ttl), Some(false), "a new choice replaces the old");
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(plans.get("a", ttl), None, "expired");
+        // Full of fresh choices: a new key makes room by starting over.
+        let long = Duration::from_secs(60);
+        for i in 0..PLAN_CHOICES_REMEMBERED {
+            plans.put(format!("k{i}"), true, long);
+        }
+        plans.put("new".into(), true, long);
+        let held = plans.0.lock().map(|m| m.len()).unwrap_or(usize::MAX);
+        assert!(held <= PLAN_CHOICES_REMEMBERED, "{held} held");
+        assert_eq!(plans.get("new", long), Some(true));
     }
 
     #[test]
