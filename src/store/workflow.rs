@@ -33,7 +33,7 @@ use crate::{
     error::{Error, Result},
     workflow::{
         Condition, Definition, EventPayload, LeasedTask, NewTask, Priority, RetryPolicy, Run, RunEvent, RunStatus,
-        StepKind, Task, TaskAttempt, TaskStatus, Workflow, condition_met, finished_run, leaf_steps,
+        StepKind, Task, TaskAttempt, TaskStatus, Workflow, condition_met, decide_blocked, finished_run, leaf_steps,
     },
 };
 
@@ -441,26 +441,10 @@ async fn advance_run(conn: &mut PgConnection, run: &Run) -> Result<()> {
     let mut tasks: Vec<TaskRow> = rows.iter().map(task_from_row).collect::<Result<_>>()?;
     loop {
         // Decide every BLOCKED task on the statuses at the start of this pass, then apply.
-        let mut decided: Vec<(usize, Option<Value>)> = Vec::new();
-        {
-            let by_id: HashMap<Uuid, &TaskRow> = tasks.iter().map(|t| (t.task.id, t)).collect();
-            for (i, t) in tasks.iter().enumerate().filter(|(_, t)| t.task.status == TaskStatus::Blocked) {
-                let parents: Vec<&TaskRow> = t.task.depends_on.iter().filter_map(|p| by_id.get(p).copied()).collect();
-                let statuses: Vec<TaskStatus> = parents.iter().map(|p| p.task.status).collect();
-                match condition_met(t.condition, &statuses) {
-                    None => {}
-                    Some(true) => {
-                        let mut outputs = serde_json::Map::new();
-                        for p in &parents {
-                            let key = p.task.step_id.clone().unwrap_or_else(|| p.task.id.to_string());
-                            outputs.insert(key, p.task.output.clone().unwrap_or(Value::Null));
-                        }
-                        decided.push((i, Some(json!({ "input": run.input, "parents": outputs }))));
-                    }
-                    Some(false) => decided.push((i, None)),
-                }
-            }
-        }
+        let decided = {
+            let view: Vec<(&Task, Condition)> = tasks.iter().map(|t| (&t.task, t.condition)).collect();
+            decide_blocked(&view, &run.input)
+        };
         if decided.is_empty() {
             break;
         }

@@ -214,6 +214,37 @@ pub fn run_outcome(statuses: &[TaskStatus]) -> RunStatus {
     if statuses.contains(&TaskStatus::Failed) { RunStatus::Failed } else { RunStatus::Succeeded }
 }
 
+/// Decides the BLOCKED tasks of a run whose parents have all ended, on the statuses given: for
+/// each such task (by its index in `tasks`, each with its join condition), the input to queue it
+/// with (the run's input and the parents' outputs by step id), or `None` when its condition can
+/// no longer be met and it is skipped.
+pub fn decide_blocked(
+    tasks: &[(&Task, Condition)],
+    run_input: &serde_json::Value,
+) -> Vec<(usize, Option<serde_json::Value>)> {
+    let by_id: HashMap<uuid::Uuid, &Task> = tasks.iter().map(|(t, _)| (t.id, *t)).collect();
+    let mut decided = Vec::new();
+    for (i, (t, condition)) in tasks.iter().enumerate().filter(|(_, (t, _))| t.status == TaskStatus::Blocked) {
+        let parents: Vec<&Task> = t.depends_on.iter().filter_map(|p| by_id.get(p).copied()).collect();
+        let statuses: Vec<TaskStatus> = parents.iter().map(|p| p.status).collect();
+        match condition_met(*condition, &statuses) {
+            None => {}
+            Some(true) => {
+                let outputs: serde_json::Map<String, serde_json::Value> = parents
+                    .iter()
+                    .map(|p| {
+                        let key = p.step_id.clone().unwrap_or_else(|| p.id.to_string());
+                        (key, p.output.clone().unwrap_or(serde_json::Value::Null))
+                    })
+                    .collect();
+                decided.push((i, Some(serde_json::json!({ "input": run_input, "parents": outputs }))));
+            }
+            Some(false) => decided.push((i, None)),
+        }
+    }
+    decided
+}
+
 /// The end of a run whose tasks are all terminal: its status, its output (the outputs of its leaf
 /// steps, keyed by step id) and its error (every failed step's error). None while a task is still
 /// open (or when there are none).
@@ -335,6 +366,65 @@ pub fn leaf_steps(steps: &[Step]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn task(step: &str, status: TaskStatus, deps: &[&Task], output: Option<serde_json::Value>) -> Task {
+        Task {
+            id: Uuid::now_v7(),
+            namespace: "ns".into(),
+            run_id: None,
+            step_id: Some(step.into()),
+            kind: StepKind::Task,
+            title: String::new(),
+            description: String::new(),
+            queue: "q".into(),
+            priority: Priority::Normal,
+            depends_on: deps.iter().map(|d| d.id).collect(),
+            status,
+            attempt: 0,
+            max_attempts: 1,
+            input: serde_json::json!({}),
+            output,
+            error: String::new(),
+            worker_id: String::new(),
+            lease_expire_time: None,
+            due_time: None,
+            create_time: Utc::now(),
+            update_time: Utc::now(),
+            attempts: Vec::new(),
+            progress: None,
+        }
+    }
+
+    #[test]
+    fn blocked_tasks_are_queued_with_parent_outputs_skipped_or_left() {
+        let a = task("a", TaskStatus::Succeeded, &[], Some(serde_json::json!({"n": 1})));
+        let b = task("b", TaskStatus::Failed, &[], None);
+        let running = task("r", TaskStatus::Leased, &[], None);
+        let after_a = task("after_a", TaskStatus::Blocked, &[&a], None);
+        let after_b = task("after_b", TaskStatus::Blocked, &[&b], None);
+        let cleanup = task("cleanup", TaskStatus::Blocked, &[&b], None);
+        let waiting = task("waiting", TaskStatus::Blocked, &[&a, &running], None);
+        let done = task("done", TaskStatus::Succeeded, &[&a], None);
+        let tasks = [
+            (&a, Condition::AllSucceeded),
+            (&b, Condition::AllSucceeded),
+            (&running, Condition::AllSucceeded),
+            (&after_a, Condition::AllSucceeded),
+            (&after_b, Condition::AllSucceeded),
+            (&cleanup, Condition::AnyFailed),
+            (&waiting, Condition::AllSucceeded),
+            (&done, Condition::AllSucceeded),
+        ];
+        let decided = decide_blocked(&tasks, &serde_json::json!({"x": 7}));
+        assert_eq!(
+            decided,
+            vec![
+                (3, Some(serde_json::json!({"input": {"x": 7}, "parents": {"a": {"n": 1}}}))),
+                (4, None),
+                (5, Some(serde_json::json!({"input": {"x": 7}, "parents": {"b": null}}))),
+            ]
+        );
+    }
 
     fn step(id: &str, deps: &[&str]) -> Step {
         Step {

@@ -35,7 +35,7 @@ use crate::{
     telemetry::metrics::metrics,
     workflow::{
         Condition, Definition, EventPayload, LeasedTask, NewTask, Priority, RetryPolicy, Run, RunEvent, RunStatus,
-        StepKind, Task, TaskAttempt, TaskStatus, Workflow, condition_met, finished_run,
+        StepKind, Task, TaskAttempt, TaskStatus, Workflow, condition_met, decide_blocked, finished_run,
     },
 };
 
@@ -461,24 +461,16 @@ async fn advance_run(conn: &mut SqliteConnection, out: &mut Outbox, run: &Run) -
             .fetch_all(&mut *conn)
             .await?;
         let tasks: Vec<TaskRow> = rows.iter().map(task_from_row).collect::<Result<_>>()?;
-        let by_id: HashMap<Uuid, &TaskRow> = tasks.iter().map(|t| (t.task.id, t)).collect();
-        let mut changed = false;
-        for t in tasks.iter().filter(|t| t.task.status == TaskStatus::Blocked) {
-            let parents: Vec<&TaskRow> = t.task.depends_on.iter().filter_map(|p| by_id.get(p).copied()).collect();
-            let statuses: Vec<TaskStatus> = parents.iter().map(|p| p.task.status).collect();
-            match condition_met(t.condition, &statuses) {
-                None => {}
-                Some(true) => {
-                    let mut outputs = serde_json::Map::new();
-                    for p in &parents {
-                        let key = p.task.step_id.clone().unwrap_or_else(|| p.task.id.to_string());
-                        outputs.insert(key, p.task.output.clone().unwrap_or(Value::Null));
-                    }
-                    let input = json!({ "input": run.input, "parents": outputs });
-                    queue_task(conn, out, t, &input).await?;
-                    changed = true;
-                }
-                Some(false) => {
+        let decided = {
+            let view: Vec<(&Task, Condition)> = tasks.iter().map(|t| (&t.task, t.condition)).collect();
+            decide_blocked(&view, &run.input)
+        };
+        let changed = !decided.is_empty();
+        for (i, input) in decided {
+            let t = &tasks[i];
+            match input {
+                Some(input) => queue_task(conn, out, t, &input).await?,
+                None => {
                     sqlx::query(
                         "UPDATE tasks SET status = 7, error = 'condition not met', update_time = ?2 WHERE id = ?1",
                     )
@@ -487,7 +479,6 @@ async fn advance_run(conn: &mut SqliteConnection, out: &mut Outbox, run: &Run) -
                     .execute(&mut *conn)
                     .await?;
                     task_event(conn, out, t.task.id).await?;
-                    changed = true;
                 }
             }
         }
