@@ -1130,7 +1130,7 @@ impl WorkflowStore for PgStore {
         // Dependencies: existing standalone tasks of the namespace; locked (in id order, so two
         // creations sharing dependencies cannot deadlock) so their state cannot change between
         // reading it and deciding this task's. The lock is the one an UPDATE takes, because a
-        // BLOCKED task marks its unfinished dependencies (`dependents_waiting`, below).
+        // BLOCKED task's insert marks its unfinished dependencies (`dependents_waiting`, below).
         let deps = if t.depends_on.is_empty() {
             Vec::new()
         } else {
@@ -1205,19 +1205,8 @@ impl WorkflowStore for PgStore {
         if status == TaskStatus::Queued {
             notify_queue(&mut tx, &t.namespace, &t.queue).await?;
         }
-        if status == TaskStatus::Blocked {
-            // Completing an unfinished dependency must now look for this task (`complete_fast`).
-            let waiting_on: Vec<Uuid> = deps
-                .iter()
-                .zip(&statuses)
-                .filter(|(_, s)| !s.is_terminal())
-                .map(|(r, _)| r.try_get("id"))
-                .collect::<std::result::Result<_, _>>()?;
-            sqlx::query("UPDATE tasks SET dependents_waiting = true WHERE id = ANY($1) AND NOT dependents_waiting")
-                .bind(&waiting_on)
-                .execute(&mut *tx)
-                .await?;
-        }
+        // A BLOCKED task's insert marks its unfinished dependencies (`dependents_waiting`, by the
+        // trigger of migration 0011): completing one of them must now look for this task.
         let task = fetch_task(&mut tx, t.id).await?;
         record_call(&mut tx, audit, &[t.id]).await?;
         tx.commit().await?;
@@ -1644,7 +1633,7 @@ async fn claim_fast(
 
 /// CompleteTask of a standalone task no task waits for, in one autocommitted statement: when
 /// the task is LEASED under `token`, its lease current, outside a run and without
-/// `dependents_waiting` (migration 0009), it succeeds with `output`, its attempt ends and the
+/// `dependents_waiting` (migrations 0009 and 0011), it succeeds with `output`, its attempt ends and the
 /// call's audit row (`event`) is written; the task is returned as stored. Anything else changes
 /// nothing and returns `None`, and the caller takes the locking path (run tasks, dependents,
 /// stale or repeated calls). The UPDATE locks the row; one that waited for a concurrent change

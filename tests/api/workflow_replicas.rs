@@ -242,3 +242,50 @@ async fn memories_survive_a_restart_and_are_found_by_search() {
     }
     app.stop().await.expect("stop");
 }
+
+/// During a rolling upgrade the previous release's CreateTask writes BLOCKED tasks without
+/// knowing `dependents_waiting`; the insert trigger marks the dependency anyway, so this
+/// release's one-statement completion does not strand the new task.
+#[tokio::test]
+#[ignore = "needs PostgreSQL and Redis"]
+async fn a_blocked_task_written_without_the_mark_is_still_unblocked() {
+    let env = postgres_env();
+    let db = fresh_database(&env).await;
+    let app = spawn_secure(&db, &FAST).await;
+    let mut c = app.workflow();
+    let parent = pb::Task { title: "parent".into(), queue: "upgrade".into(), ..Default::default() };
+    let parent = c.create_task(pb::CreateTaskRequest { task: Some(parent), ..Default::default() }).await;
+    let parent = parent.expect("create parent").into_inner();
+    let leased = claim(&mut c, "upgrade", "w", 1, 1000).await;
+    assert_eq!(leased.len(), 1);
+
+    // The previous release's insert of a dependent, column for column.
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db).await.expect("connect");
+    let parent_id: uuid::Uuid = parent.id.parse().expect("uuid");
+    let child_id = uuid::Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO tasks (id, namespace, kind, title, description, queue, priority, depends_on, status, error, max_attempts, \
+         initial_backoff_ms, max_backoff_ms, backoff_multiplier, attempt_timeout_ms, input, due_time, created_by, request_id) \
+         VALUES ($1, 'default', 1, 'child', '', 'upgrade', 2, $2, 1, '', 3, 1000, 60000, 2.0, NULL, '{}', NULL, 'old-release', NULL)",
+    )
+    .bind(child_id)
+    .bind(vec![parent_id])
+    .execute(&mut conn)
+    .await
+    .expect("insert as the previous release did");
+    let marked: bool = sqlx::query_scalar("SELECT dependents_waiting FROM tasks WHERE id = $1")
+        .bind(parent_id)
+        .fetch_one(&mut conn)
+        .await
+        .expect("read the mark");
+    assert!(marked, "the insert trigger marks the dependency");
+
+    let done = complete(&mut c, &leased[0], serde_json::json!({"v": 1})).await.expect("complete the parent");
+    assert_eq!(done.status, pb::TaskStatus::Succeeded as i32);
+    let next = claim(&mut c, "upgrade", "w", 1, 1000).await;
+    let child = next.first().and_then(|l| l.task.clone()).expect("the child was queued");
+    assert_eq!(child.id, child_id.to_string());
+    let input = tmws::api::convert::struct_to_json(child.input.expect("input"));
+    assert_eq!(input["parents"][parent.id.as_str()]["v"], 1.0);
+    app.stop().await.expect("stop");
+}
