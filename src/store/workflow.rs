@@ -20,7 +20,7 @@ use std::{
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::{PgConnection, Postgres, QueryBuilder, Row, postgres::PgRow, types::Json};
 use uuid::Uuid;
 
@@ -33,7 +33,8 @@ use crate::{
     error::{Error, Result},
     workflow::{
         Condition, Definition, EventPayload, LeasedTask, NewTask, Priority, RetryPolicy, Run, RunEvent, RunStatus,
-        StepKind, Task, TaskAttempt, TaskStatus, Workflow, condition_met, decide_blocked, finished_run, leaf_steps,
+        StepKind, StepTask, Task, TaskAttempt, TaskStatus, Workflow, condition_met, decide_blocked, delay_ms,
+        finished_run, leaf_steps, step_task,
     },
 };
 
@@ -373,11 +374,6 @@ async fn notify_queue(conn: &mut PgConnection, ns: &str, queue: &str) -> Result<
         .execute(&mut *conn)
         .await?;
     Ok(())
-}
-
-/// The wait of a DELAY step (`duration_ms`, filled in from `duration` when its run started).
-pub(crate) fn delay_ms(config: &Value) -> i64 {
-    config.get("duration_ms").and_then(Value::as_i64).unwrap_or(0).max(0)
 }
 
 /// Makes a ready task claimable: QUEUED, available now (or after its DELAY), in one statement
@@ -966,23 +962,10 @@ impl WorkflowStore for PgStore {
                  config, status, max_attempts, initial_backoff_ms, max_backoff_ms, backoff_multiplier, attempt_timeout_ms, \
                  input, created_by, available_time) ",
             );
-            qb.push_values(chunk, |mut b, s| {
-                let retry = s.retry_policy.or(wf.definition.retry_policy).unwrap_or(default_retry);
-                let deps: Vec<Uuid> = s.depends_on.iter().filter_map(|d| ids.get(d.as_str()).copied()).collect();
-                let status = if deps.is_empty() { TaskStatus::Queued } else { TaskStatus::Blocked };
-                let mut config = s.config.clone();
-                if s.kind == StepKind::Delay
-                    && let Value::Object(map) = &mut config
-                    && let Some(ms) = map
-                        .get("duration")
-                        .and_then(Value::as_str)
-                        .and_then(|d| crate::config::parse_duration_str(d).ok())
-                {
-                    map.insert("duration_ms".into(), json!(ms.as_millis() as i64));
-                }
-                let wait_ms = if deps.is_empty() && s.kind == StepKind::Delay { delay_ms(&config) } else { 0 };
-                let task_input = if deps.is_empty() { json!({ "input": input, "parents": {} }) } else { json!({}) };
-                b.push_bind(ids[s.id.as_str()])
+            let tasks: Vec<StepTask> =
+                chunk.iter().map(|s| step_task(wf, s, &ids, default_retry, input)).collect::<Result<_>>()?;
+            qb.push_values(chunk.iter().zip(tasks), |mut b, (s, t)| {
+                b.push_bind(t.id)
                     .push_bind(&wf.namespace)
                     .push_bind(run_id)
                     .push_bind(&s.id)
@@ -990,19 +973,19 @@ impl WorkflowStore for PgStore {
                     .push_bind(format!("{}/{}", wf.name, s.id))
                     .push_bind(&s.queue)
                     .push_bind(s.priority.as_i16())
-                    .push_bind(deps)
+                    .push_bind(t.depends_on)
                     .push_bind(s.condition.as_i16())
-                    .push_bind(Json(config))
-                    .push_bind(status.as_i16())
-                    .push_bind(retry.max_attempts)
-                    .push_bind(retry.initial_backoff_ms)
-                    .push_bind(retry.max_backoff_ms)
-                    .push_bind(retry.multiplier)
+                    .push_bind(Json(t.config))
+                    .push_bind(t.status.as_i16())
+                    .push_bind(t.retry.max_attempts)
+                    .push_bind(t.retry.initial_backoff_ms)
+                    .push_bind(t.retry.max_backoff_ms)
+                    .push_bind(t.retry.multiplier)
                     .push_bind(s.timeout_ms)
-                    .push_bind(Json(task_input))
+                    .push_bind(Json(t.input))
                     .push_bind(created_by)
                     .push("clock_timestamp() + make_interval(secs => ")
-                    .push_bind_unseparated(wait_ms as f64)
+                    .push_bind_unseparated(t.wait_ms as f64)
                     .push_unseparated("::float8 / 1000)");
             });
             qb.push(format!(" RETURNING {TASK_COLUMNS}"));

@@ -214,6 +214,58 @@ pub fn run_outcome(statuses: &[TaskStatus]) -> RunStatus {
     if statuses.contains(&TaskStatus::Failed) { RunStatus::Failed } else { RunStatus::Succeeded }
 }
 
+/// A run's task as StartRun writes it, derived from its step (both stores).
+pub struct StepTask {
+    pub id: Uuid,
+    pub depends_on: Vec<Uuid>,
+    /// QUEUED for a root, BLOCKED otherwise.
+    pub status: TaskStatus,
+    pub retry: RetryPolicy,
+    /// The step's config; a DELAY step's `duration` is also given as `duration_ms`.
+    pub config: serde_json::Value,
+    /// How long after the start the task becomes claimable (a root DELAY step's duration).
+    pub wait_ms: i64,
+    pub input: serde_json::Value,
+}
+
+/// The wait of a DELAY step (`duration_ms`, filled in from `duration` when its run started).
+pub fn delay_ms(config: &serde_json::Value) -> i64 {
+    config.get("duration_ms").and_then(serde_json::Value::as_i64).unwrap_or(0).max(0)
+}
+
+/// The task of step `s` of a run of `wf` started with `input`, where `ids` are the run's task
+/// ids by step id and `default_retry` applies when neither the step nor the workflow sets one.
+pub fn step_task(
+    wf: &Workflow,
+    s: &Step,
+    ids: &HashMap<&str, Uuid>,
+    default_retry: RetryPolicy,
+    input: &serde_json::Value,
+) -> crate::error::Result<StepTask> {
+    let id = ids.get(s.id.as_str()).copied().ok_or_else(|| crate::error::Error::internal("step id vanished"))?;
+    let depends_on: Vec<Uuid> = s.depends_on.iter().filter_map(|d| ids.get(d.as_str()).copied()).collect();
+    let root = depends_on.is_empty();
+    let mut config = s.config.clone();
+    if s.kind == StepKind::Delay
+        && let serde_json::Value::Object(map) = &mut config
+        && let Some(ms) = map
+            .get("duration")
+            .and_then(serde_json::Value::as_str)
+            .and_then(|d| crate::config::parse_duration_str(d).ok())
+    {
+        map.insert("duration_ms".into(), serde_json::json!(ms.as_millis() as i64));
+    }
+    Ok(StepTask {
+        id,
+        status: if root { TaskStatus::Queued } else { TaskStatus::Blocked },
+        retry: s.retry_policy.or(wf.definition.retry_policy).unwrap_or(default_retry),
+        wait_ms: if root && s.kind == StepKind::Delay { delay_ms(&config) } else { 0 },
+        input: if root { serde_json::json!({ "input": input, "parents": {} }) } else { serde_json::json!({}) },
+        depends_on,
+        config,
+    })
+}
+
 /// Decides the BLOCKED tasks of a run whose parents have all ended, on the statuses given: for
 /// each such task (by its index in `tasks`, each with its join condition), the input to queue it
 /// with (the run's input and the parents' outputs by step id), or `None` when its condition can

@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, Transaction, sqlite::SqliteRow, types::Json};
 use uuid::Uuid;
 
@@ -28,14 +28,14 @@ use crate::{
         identity::AuditEvent,
         notify::Notification,
         workflow::{
-            ENGINE_WAKE, ENGINE_WORKER, PageKey, RunFilter, ServerStep, TaskFilter, WorkflowStore, aborted, delay_ms,
-            stale,
+            ENGINE_WAKE, ENGINE_WORKER, PageKey, RunFilter, ServerStep, TaskFilter, WorkflowStore, aborted, stale,
         },
     },
     telemetry::metrics::metrics,
     workflow::{
         Condition, Definition, EventPayload, LeasedTask, NewTask, Priority, RetryPolicy, Run, RunEvent, RunStatus,
-        StepKind, Task, TaskAttempt, TaskStatus, Workflow, condition_met, decide_blocked, finished_run,
+        StepKind, Task, TaskAttempt, TaskStatus, Workflow, condition_met, decide_blocked, delay_ms, finished_run,
+        step_task,
     },
 };
 
@@ -967,20 +967,7 @@ impl WorkflowStore for SqliteStore {
         let steps = &wf.definition.steps;
         let ids: HashMap<&str, Uuid> = steps.iter().map(|s| (s.id.as_str(), Uuid::now_v7())).collect();
         for s in steps {
-            let id = ids.get(s.id.as_str()).copied().ok_or_else(|| Error::internal("step id vanished"))?;
-            let retry = s.retry_policy.or(wf.definition.retry_policy).unwrap_or(default_retry);
-            let deps: Vec<Uuid> = s.depends_on.iter().filter_map(|d| ids.get(d.as_str()).copied()).collect();
-            let status = if deps.is_empty() { TaskStatus::Queued } else { TaskStatus::Blocked };
-            let mut config = s.config.clone();
-            if s.kind == StepKind::Delay
-                && let Value::Object(map) = &mut config
-                && let Some(ms) =
-                    map.get("duration").and_then(Value::as_str).and_then(|d| crate::config::parse_duration_str(d).ok())
-            {
-                map.insert("duration_ms".into(), json!(ms.as_millis() as i64));
-            }
-            let wait_ms = if deps.is_empty() && s.kind == StepKind::Delay { delay_ms(&config) } else { 0 };
-            let task_input = if deps.is_empty() { json!({ "input": input, "parents": {} }) } else { json!({}) };
+            let t = step_task(wf, s, &ids, default_retry, input)?;
             let now = now_micros();
             sqlx::query(
                 "INSERT INTO tasks (id, namespace, run_id, step_id, kind, title, queue, priority, depends_on, condition, \
@@ -988,7 +975,7 @@ impl WorkflowStore for SqliteStore {
                  input, created_by, available_time, create_time, update_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
                  ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?21)",
             )
-            .bind(id)
+            .bind(t.id)
             .bind(&wf.namespace)
             .bind(run_id)
             .bind(&s.id)
@@ -996,18 +983,18 @@ impl WorkflowStore for SqliteStore {
             .bind(format!("{}/{}", wf.name, s.id))
             .bind(&s.queue)
             .bind(s.priority.as_i16())
-            .bind(Json(&deps))
+            .bind(Json(&t.depends_on))
             .bind(s.condition.as_i16())
-            .bind(Json(&config))
-            .bind(status.as_i16())
-            .bind(retry.max_attempts)
-            .bind(retry.initial_backoff_ms)
-            .bind(retry.max_backoff_ms)
-            .bind(retry.multiplier)
+            .bind(Json(&t.config))
+            .bind(t.status.as_i16())
+            .bind(t.retry.max_attempts)
+            .bind(t.retry.initial_backoff_ms)
+            .bind(t.retry.max_backoff_ms)
+            .bind(t.retry.multiplier)
             .bind(s.timeout_ms)
-            .bind(Json(task_input))
+            .bind(Json(t.input))
             .bind(created_by)
-            .bind(after_ms(now, wait_ms))
+            .bind(after_ms(now, t.wait_ms))
             .bind(now)
             .execute(&mut *tx)
             .await?;
@@ -1456,6 +1443,7 @@ impl WorkflowStore for SqliteStore {
 mod tests {
     use std::{path::PathBuf, time::Duration};
 
+    use serde_json::json;
     use tokio::sync::broadcast::error::TryRecvError;
 
     use super::*;
