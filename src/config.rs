@@ -178,6 +178,16 @@ pub const SETTINGS: &[Setting] = &[
         help: "How long a filtered search's plan choice (exact or HNSW) is reused for the same caller, namespace and filter before it is estimated again; 0 estimates every time",
     },
     Setting {
+        name: "TMWS_MEMORY_CACHE_BYTES",
+        default: "33554432",
+        help: "Budget of the GetMemory read cache of each replica (PostgreSQL backend; estimated bytes, oldest entries go first); 0 turns it off",
+    },
+    Setting {
+        name: "TMWS_MEMORY_CACHE_TTL",
+        default: "1s",
+        help: "Longest a cached memory is served without reading it again (changes are applied at once through LISTEN/NOTIFY; this bounds how late read counts are, and a lost notification); 0 turns the cache off",
+    },
+    Setting {
         name: "TMWS_TEXT_SEARCH_CONFIG",
         default: "english",
         help: "PostgreSQL text search configuration used for keyword search",
@@ -427,6 +437,10 @@ pub struct MemoryConfig {
     pub hnsw_ef_search: u32,
     pub exact_search_threshold: u64,
     pub exact_search_estimate_ttl: Duration,
+    /// Budget of the GetMemory read cache; 0 = off.
+    pub cache_bytes: usize,
+    /// Lifetime of a cached memory; zero = off.
+    pub cache_ttl: Duration,
     pub text_search_config: String,
 }
 
@@ -744,6 +758,8 @@ impl Config {
             hnsw_ef_search: parse_range(&get, "TMWS_HNSW_EF_SEARCH", 40, 1, 1000)?,
             exact_search_threshold: parse_range(&get, "TMWS_EXACT_SEARCH_THRESHOLD", 10_000, 0, 100_000_000)?,
             exact_search_estimate_ttl: parse_duration(&get, "TMWS_EXACT_SEARCH_ESTIMATE_TTL", secs(10))?,
+            cache_bytes: parse_range(&get, "TMWS_MEMORY_CACHE_BYTES", 32 * 1024 * 1024, 0, 64 * 1024 * 1024 * 1024)?,
+            cache_ttl: parse_duration(&get, "TMWS_MEMORY_CACHE_TTL", secs(1))?,
             text_search_config,
         };
         if memory.sweep_interval.is_zero() {

@@ -43,8 +43,8 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     let tls = server_tls(&config.security.tls)?;
 
     let embedder = Embedder::from_config(&config.embedding)?;
-    let memory_service = MemoryService::new(db.clone(), embedder, config.memory.clone()).await?;
     let (notifier, listener_task) = db.notifier().await?;
+    let memory_service = MemoryService::new(db.clone(), embedder, config.memory.clone(), &notifier).await?;
     let workflow_service = WorkflowService::new(
         db.clone(),
         notifier,

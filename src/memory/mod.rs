@@ -1,5 +1,6 @@
 //! The memory domain: the resource, its rules and validation, search ranking. No tonic, no SQL.
 
+pub mod cache;
 pub mod ranking;
 pub mod service;
 

@@ -14,7 +14,9 @@ use uuid::Uuid;
 
 use super::{
     AccessLevel, Cursor, Grant, Memory, MemoryFilter, MemoryPatch, MemoryStats, NewMemory, OrderBy, PruneCriteria,
-    SearchHit, SearchMode, ranking,
+    SearchHit, SearchMode,
+    cache::{MemoryCache, visible_to},
+    ranking,
 };
 use crate::{
     auth::{Principal, RequestContext},
@@ -22,7 +24,8 @@ use crate::{
     embed::{EmbedError, Embedder},
     error::{Error, Result, Violations},
     page_token::PageTokens,
-    store::MemoryStore,
+    store::{MemoryStore, notify::Notifier},
+    telemetry::metrics::metrics,
 };
 
 /// Longest `kind`, `summary` is bounded like content.
@@ -124,6 +127,9 @@ pub struct MemoryService {
     tokens: PageTokens,
     access: Arc<AccessTracker>,
     plans: Arc<PlanChoices>,
+    /// The GetMemory read cache; `None` when turned off or when the backend announces no
+    /// memory changes (the embedded store).
+    cache: Option<Arc<MemoryCache>>,
 }
 
 /// At most this many filtered-search plan choices are remembered (past it, expired ones go,
@@ -169,7 +175,12 @@ struct ListQuery<'a> {
 impl MemoryService {
     /// Prepares the service: loads the page-token key shared by all replicas and makes sure the
     /// ANN index for the configured dimension exists.
-    pub async fn new(store: Arc<dyn MemoryStore>, embedder: Embedder, cfg: MemoryConfig) -> anyhow::Result<Self> {
+    pub async fn new(
+        store: Arc<dyn MemoryStore>,
+        embedder: Embedder,
+        cfg: MemoryConfig,
+        notifier: &Notifier,
+    ) -> anyhow::Result<Self> {
         let key = store
             .secret("page_token_key", &|| {
                 let mut key = vec![0u8; 32];
@@ -180,6 +191,13 @@ impl MemoryService {
             .await?;
         anyhow::ensure!(key.iter().any(|b| *b != 0), "could not generate a random page token key");
         store.ensure_vector_index(embedder.dimension(), cfg.hnsw_m, cfg.hnsw_ef_construction).await?;
+        let cache =
+            (cfg.cache_bytes > 0 && !cfg.cache_ttl.is_zero() && notifier.announces_memory_changes()).then(|| {
+                let cache = Arc::new(MemoryCache::new(cfg.cache_bytes, cfg.cache_ttl));
+                // Ends when the notifier closes or the cache is dropped.
+                drop(cache.follow(notifier));
+                cache
+            });
         Ok(Self {
             store,
             embedder,
@@ -187,6 +205,7 @@ impl MemoryService {
             tokens: PageTokens::new(&key)?,
             access: Arc::new(AccessTracker::default()),
             plans: Arc::default(),
+            cache,
         })
     }
 
@@ -430,13 +449,45 @@ impl MemoryService {
 
     pub async fn get(&self, p: &Principal, requested_ns: &str, id: Uuid, with_embedding: bool) -> Result<Memory> {
         let ns = p.target_namespace(requested_ns)?;
+        // Vectors are not cached (FULL view reads the row).
+        let cache = self.cache.as_deref().filter(|_| !with_embedding);
+        if let Some(cache) = cache {
+            let hit = cache.get(id).filter(|m| visible_to(p, &ns, m, Utc::now()));
+            metrics().memory_cache_lookup(hit.is_some());
+            if let Some(hit) = hit {
+                self.access.record([id]);
+                return Ok(Memory::clone(&hit));
+            }
+        }
+        // A miss, or an entry this caller may not see: the store decides.
+        let epoch = cache.and_then(MemoryCache::epoch);
         let memory = self
             .store
             .get_memory(p, &ns, id, with_embedding)
             .await?
             .ok_or_else(|| Error::not_found("memory", id.to_string()))?;
+        if let (Some(cache), Some(epoch)) = (cache, epoch) {
+            cache.insert(epoch, memory.clone());
+        }
         self.access.record([memory.id]);
         Ok(memory)
+    }
+
+    /// Drops cached copies of memories this replica just wrote (or may have: called whatever
+    /// the write's outcome), so that its callers read their own writes at once; other replicas
+    /// hear of the change through `tmws_memory`.
+    fn forget<T>(&self, ids: &[Uuid], outcome: Result<T>) -> Result<T> {
+        if let Some(cache) = &self.cache {
+            cache.invalidate(ids);
+        }
+        outcome
+    }
+
+    fn forget_all<T>(&self, outcome: Result<T>) -> Result<T> {
+        if let Some(cache) = &self.cache {
+            cache.clear();
+        }
+        outcome
     }
 
     pub async fn update(
@@ -495,7 +546,8 @@ impl MemoryService {
                 vectors.pop().ok_or_else(|| Error::Unavailable("embedding provider returned no vector".into()))?;
             patch.embedding = Some((vector, self.embedder.model().to_string()));
         }
-        self.store.update_memory(p, &ns, id, etag.map(parse_etag), &patch, ctx).await
+        let outcome = self.store.update_memory(p, &ns, id, etag.map(parse_etag), &patch, ctx).await;
+        self.forget(&[id], outcome)
     }
 
     pub async fn delete(
@@ -508,7 +560,8 @@ impl MemoryService {
     ) -> Result<()> {
         p.ensure_can_write()?;
         let ns = p.target_namespace(requested_ns)?;
-        self.store.delete_memory(p, &ns, id, etag.map(parse_etag), ctx).await
+        let outcome = self.store.delete_memory(p, &ns, id, etag.map(parse_etag), ctx).await;
+        self.forget(&[id], outcome)
     }
 
     fn page_size(&self, requested: i32) -> Result<usize> {
@@ -764,7 +817,8 @@ impl MemoryService {
             }
         }
         v.into_result()?;
-        self.store.share_memory(p, &ns, id, &grants, &revoke, etag.map(parse_etag), ctx).await
+        let outcome = self.store.share_memory(p, &ns, id, &grants, &revoke, etag.map(parse_etag), ctx).await;
+        self.forget(&[id], outcome)
     }
 
     /// Deletes (or counts) expired and/or old unimportant memories of one namespace. Non-admins
@@ -811,7 +865,8 @@ impl MemoryService {
             limit,
             dry_run,
         };
-        self.store.prune(&criteria).await
+        let outcome = self.store.prune(&criteria).await;
+        if dry_run { outcome } else { self.forget_all(outcome) }
     }
 
     pub async fn stats(&self, p: &Principal, requested_ns: &str) -> Result<MemoryStats> {

@@ -59,6 +59,7 @@ struct Otel {
     rpc_duration: OtelHistogram<f64>,
     rate_limited: Counter<u64>,
     redis_errors: Counter<u64>,
+    memory_cache: Counter<u64>,
     claim_wait: OtelHistogram<f64>,
     runs_finished: Counter<u64>,
 }
@@ -69,6 +70,8 @@ pub struct Metrics {
     in_flight: AtomicI64,
     rate_limited: Mutex<BTreeMap<String, u64>>,
     redis_errors: AtomicU64,
+    /// GetMemory read-cache lookups: [hits, misses].
+    memory_cache: [AtomicU64; 2],
     pool: Mutex<(u64, u64, u64)>,
     memories: Mutex<BTreeMap<String, i64>>,
     queue_depth: Mutex<BTreeMap<(String, String), i64>>,
@@ -131,6 +134,10 @@ impl Metrics {
                 .with_description("calls refused by rate limits")
                 .build(),
             redis_errors: meter.u64_counter("tmws.redis.errors").with_description("failed Redis calls").build(),
+            memory_cache: meter
+                .u64_counter("tmws.memory_cache.lookups")
+                .with_description("GetMemory read-cache lookups, by result (hit, miss)")
+                .build(),
             claim_wait: meter
                 .f64_histogram("tmws.task.claim_wait")
                 .with_unit("s")
@@ -209,6 +216,14 @@ impl Metrics {
         }
     }
 
+    /// A GetMemory read-cache lookup (only where the cache is on).
+    pub fn memory_cache_lookup(&self, hit: bool) {
+        self.memory_cache[usize::from(!hit)].fetch_add(1, Ordering::Relaxed);
+        if let Some(o) = self.otel.get() {
+            o.memory_cache.add(1, &[KeyValue::new("result", if hit { "hit" } else { "miss" })]);
+        }
+    }
+
     pub fn set_pool(&self, size: u64, idle: u64, max: u64) {
         *lock(&self.pool) = (size, idle, max);
     }
@@ -281,6 +296,14 @@ impl Metrics {
             out,
             "# HELP tmws_redis_errors_total Failed Redis calls.\n# TYPE tmws_redis_errors_total counter\ntmws_redis_errors_total {}",
             self.redis_errors.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tmws_memory_cache_lookups_total GetMemory read-cache lookups, by result.\n\
+             # TYPE tmws_memory_cache_lookups_total counter\n\
+             tmws_memory_cache_lookups_total{{result=\"hit\"}} {}\ntmws_memory_cache_lookups_total{{result=\"miss\"}} {}",
+            self.memory_cache[0].load(Ordering::Relaxed),
+            self.memory_cache[1].load(Ordering::Relaxed)
         );
         let (size, idle, max) = *lock(&self.pool);
         let _ = writeln!(

@@ -10,6 +10,7 @@ mod identity_jwt;
 mod identity_tls;
 mod memory;
 mod memory_access;
+mod memory_cache;
 mod memory_embed;
 mod memory_search;
 mod ratelimit;

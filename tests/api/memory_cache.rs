@@ -1,0 +1,363 @@
+//! The GetMemory read cache (PostgreSQL): it serves repeated reads, every caller still sees
+//! exactly what the database would show them, and changes made anywhere — another replica, this
+//! one, plain SQL — are seen at once, also after the listening connection was lost.
+//!
+//! The cached servers here keep entries for an hour (TMWS_MEMORY_CACHE_TTL=1h), so only the
+//! change announcements can make a change visible within these tests' deadlines.
+
+use std::time::Duration;
+
+use sqlx::{Connection, Executor, PgConnection};
+use tonic::Code;
+
+use crate::{
+    common::{TestApp, as_agent, fresh_database, postgres_env, spawn_secure},
+    memory::{create, memory},
+};
+use tmws::pb;
+
+const CACHED: &[(&str, &str)] = &[("TMWS_MEMORY_CACHE_TTL", "1h")];
+const UNCACHED: &[(&str, &str)] = &[("TMWS_MEMORY_CACHE_BYTES", "0")];
+
+fn alice<T>(m: T) -> tonic::Request<T> {
+    as_agent(m, "alice", "red", "agent")
+}
+
+fn get_req(id: &str) -> pb::GetMemoryRequest {
+    pb::GetMemoryRequest { id: id.into(), ..Default::default() }
+}
+
+/// GetMemory as `agent`: the content, or the status code.
+async fn read(app: &TestApp, id: &str, agent: (&str, &str, &str)) -> Result<String, Code> {
+    let (a, ns, role) = agent;
+    app.memory()
+        .get_memory(as_agent(get_req(id), a, ns, role))
+        .await
+        .map(|r| r.into_inner().content)
+        .map_err(|s| s.code())
+}
+
+/// Reads until the answer is `want`, for at most five seconds.
+async fn read_until(app: &TestApp, id: &str, agent: (&str, &str, &str), want: Result<&str, Code>, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = read(app, id, agent).await;
+        if got.as_deref().map_err(|c| *c) == want {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: still {got:?}, want {want:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+const ALICE: (&str, &str, &str) = ("alice", "red", "agent");
+const CAROL: (&str, &str, &str) = ("carol", "blue", "agent");
+
+async fn create_as_alice(app: &TestApp, content: &str, level: pb::AccessLevel) -> String {
+    let mut m = memory(content);
+    m.access_level = level as i32;
+    app.memory().create_memory(alice(create(m))).await.expect("create").into_inner().id
+}
+
+async fn db(app: &TestApp) -> PgConnection {
+    PgConnection::connect(&app.database_url).await.expect("connect to the test database")
+}
+
+/// Changes the content in SQL with triggers off (`session_replication_role = replica`): nobody
+/// is told.
+async fn change_unannounced(app: &TestApp, id: &str, content: &str) {
+    let mut conn = db(app).await;
+    conn.execute("SET session_replication_role = replica").await.expect("replica role");
+    let id: uuid::Uuid = id.parse().expect("uuid");
+    sqlx::query("UPDATE memories SET content = $1 WHERE id = $2")
+        .bind(content)
+        .bind(id)
+        .execute(&mut conn)
+        .await
+        .expect("update");
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL and Redis"]
+async fn repeated_reads_are_served_from_the_cache_and_announced_changes_end_them() {
+    let database = fresh_database(&postgres_env()).await;
+    let cached = spawn_secure(&database, CACHED).await;
+    let uncached = spawn_secure(&database, UNCACHED).await;
+    let id = create_as_alice(&cached, "first words", pb::AccessLevel::Private).await;
+    assert_eq!(read(&cached, &id, ALICE).await.as_deref(), Ok("first words"));
+
+    // Unannounced, the change is invisible to the cached server and visible to the other: the
+    // cache is really what answers.
+    change_unannounced(&cached, &id, "changed behind its back").await;
+    assert_eq!(read(&uncached, &id, ALICE).await.as_deref(), Ok("changed behind its back"));
+    for _ in 0..3 {
+        assert_eq!(read(&cached, &id, ALICE).await.as_deref(), Ok("first words"), "served from the cache");
+    }
+    // The FULL view (with the vector) always reads the row.
+    let full = cached
+        .memory()
+        .get_memory(alice(pb::GetMemoryRequest { view: pb::MemoryView::Full as i32, ..get_req(&id) }))
+        .await
+        .expect("full view")
+        .into_inner();
+    assert_eq!(full.content, "changed behind its back");
+
+    // Any announced change, here a plain UPDATE in SQL, reaches it.
+    let mut conn = db(&cached).await;
+    sqlx::query("UPDATE memories SET content = 'changed in SQL' WHERE id = $1::uuid")
+        .bind(&id)
+        .execute(&mut conn)
+        .await
+        .expect("update");
+    read_until(&cached, &id, ALICE, Ok("changed in SQL"), "a change made in SQL").await;
+    sqlx::query("DELETE FROM memories WHERE id = $1::uuid").bind(&id).execute(&mut conn).await.expect("delete");
+    read_until(&cached, &id, ALICE, Err(Code::NotFound), "a deletion made in SQL").await;
+    cached.stop().await.expect("stop");
+    uncached.stop().await.expect("stop");
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL and Redis"]
+async fn changes_on_another_replica_reach_the_cache() {
+    let database = fresh_database(&postgres_env()).await;
+    let one = spawn_secure(&database, CACHED).await;
+    let two = spawn_secure(&database, CACHED).await;
+    let id = create_as_alice(&one, "version one", pb::AccessLevel::Shared).await;
+    assert_eq!(read(&one, &id, ALICE).await.as_deref(), Ok("version one"));
+    assert_eq!(read(&one, &id, CAROL).await, Err(Code::NotFound));
+
+    let updated = two
+        .memory()
+        .update_memory(alice(pb::UpdateMemoryRequest {
+            memory: Some(pb::Memory { id: id.clone(), content: "version two".into(), ..Default::default() }),
+            update_mask: Some(prost_types::FieldMask { paths: vec!["content".into()] }),
+            ..Default::default()
+        }))
+        .await
+        .expect("update on two")
+        .into_inner();
+    read_until(&one, &id, ALICE, Ok("version two"), "an update on the other replica").await;
+    let got = one.memory().get_memory(alice(get_req(&id))).await.expect("get").into_inner();
+    assert_eq!(got.etag, updated.etag);
+
+    // A grant made on two lets carol read on one; its revocation hides it again.
+    let share = |grant: Vec<pb::ShareGrant>, revoke: Vec<String>| {
+        let mut c = two.memory();
+        let id = id.clone();
+        async move {
+            c.share_memory(alice(pb::ShareMemoryRequest { id, grant, revoke, ..Default::default() }))
+                .await
+                .expect("share on two");
+        }
+    };
+    share(
+        vec![pb::ShareGrant {
+            agent_id: "carol".into(),
+            permission: pb::SharePermission::Read as i32,
+            expire_time: None,
+        }],
+        vec![],
+    )
+    .await;
+    read_until(&one, &id, CAROL, Ok("version two"), "a grant made on the other replica").await;
+    share(vec![], vec!["carol".into()]).await;
+    read_until(&one, &id, CAROL, Err(Code::NotFound), "a revocation made on the other replica").await;
+    assert_eq!(read(&one, &id, ALICE).await.as_deref(), Ok("version two"));
+
+    two.memory()
+        .delete_memory(alice(pb::DeleteMemoryRequest { id: id.clone(), ..Default::default() }))
+        .await
+        .expect("delete on two");
+    read_until(&one, &id, ALICE, Err(Code::NotFound), "a deletion on the other replica").await;
+    one.stop().await.expect("stop");
+    two.stop().await.expect("stop");
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL and Redis"]
+async fn a_replica_reads_its_own_writes_at_once() {
+    let database = fresh_database(&postgres_env()).await;
+    let app = spawn_secure(&database, CACHED).await;
+    let mut c = app.memory();
+    // Announcements off: the replica's own bookkeeping alone must keep its reads fresh.
+    let mut conn = db(&app).await;
+    for (table, trigger) in [
+        ("memories", "memories_updated"),
+        ("memories", "memories_deleted"),
+        ("memory_grants", "memory_grants_inserted"),
+        ("memory_grants", "memory_grants_updated"),
+        ("memory_grants", "memory_grants_deleted"),
+    ] {
+        conn.execute(format!("ALTER TABLE {table} DISABLE TRIGGER {trigger}").as_str()).await.expect("disable trigger");
+    }
+    let id = create_as_alice(&app, "round 0", pb::AccessLevel::Shared).await;
+    // No waiting anywhere: every read right after a write must show it.
+    for round in 1..=20 {
+        assert!(read(&app, &id, ALICE).await.is_ok());
+        let content = format!("round {round}");
+        c.update_memory(alice(pb::UpdateMemoryRequest {
+            memory: Some(pb::Memory { id: id.clone(), content: content.clone(), ..Default::default() }),
+            update_mask: Some(prost_types::FieldMask { paths: vec!["content".into()] }),
+            ..Default::default()
+        }))
+        .await
+        .expect("update");
+        assert_eq!(read(&app, &id, ALICE).await, Ok(content.clone()), "round {round}");
+
+        assert_eq!(read(&app, &id, CAROL).await, Err(Code::NotFound));
+        c.share_memory(alice(pb::ShareMemoryRequest {
+            id: id.clone(),
+            grant: vec![pb::ShareGrant {
+                agent_id: "carol".into(),
+                permission: pb::SharePermission::Read as i32,
+                expire_time: None,
+            }],
+            ..Default::default()
+        }))
+        .await
+        .expect("share");
+        assert_eq!(read(&app, &id, CAROL).await, Ok(content.clone()), "granted in round {round}");
+        c.share_memory(alice(pb::ShareMemoryRequest {
+            id: id.clone(),
+            revoke: vec!["carol".into()],
+            ..Default::default()
+        }))
+        .await
+        .expect("revoke");
+        assert_eq!(read(&app, &id, CAROL).await, Err(Code::NotFound), "revoked in round {round}");
+    }
+    // Pruning (here: everything older than now with importance <= 1) drops what it deleted.
+    assert!(read(&app, &id, ALICE).await.is_ok());
+    c.prune_memories(alice(pb::PruneMemoriesRequest {
+        older_than: Some(prost_types::Timestamp { seconds: chrono::Utc::now().timestamp() + 1, nanos: 0 }),
+        max_importance: Some(1.0),
+        ..Default::default()
+    }))
+    .await
+    .expect("prune");
+    assert_eq!(read(&app, &id, ALICE).await, Err(Code::NotFound), "pruned");
+
+    let id = create_as_alice(&app, "short-lived", pb::AccessLevel::Private).await;
+    assert!(read(&app, &id, ALICE).await.is_ok());
+    c.delete_memory(alice(pb::DeleteMemoryRequest { id: id.clone(), ..Default::default() })).await.expect("delete");
+    assert_eq!(read(&app, &id, ALICE).await, Err(Code::NotFound));
+    app.stop().await.expect("stop");
+}
+
+/// Every roster agent gets from a warm cache what the database gives it, before and after a
+/// grant and a memory expire.
+#[tokio::test]
+#[ignore = "needs PostgreSQL and Redis"]
+async fn every_caller_sees_from_the_cache_what_the_database_shows_them() {
+    let database = fresh_database(&postgres_env()).await;
+    let cached = spawn_secure(&database, CACHED).await;
+    let uncached = spawn_secure(&database, UNCACHED).await;
+    let mut ids = Vec::new();
+    for level in [pb::AccessLevel::Private, pb::AccessLevel::Team, pb::AccessLevel::Shared, pb::AccessLevel::Public] {
+        ids.push(create_as_alice(&cached, &format!("{level:?}"), level).await);
+    }
+    let mut sys = memory("system");
+    sys.access_level = pb::AccessLevel::System as i32;
+    ids.push(
+        cached
+            .memory()
+            .create_memory(as_agent(create(sys), "root", "red", "admin"))
+            .await
+            .expect("create")
+            .into_inner()
+            .id,
+    );
+    // A memory that expires, and a grant that expires, in two seconds.
+    let soon = prost_types::Timestamp { seconds: chrono::Utc::now().timestamp() + 2, nanos: 0 };
+    let mut expiring = memory("expiring");
+    expiring.access_level = pb::AccessLevel::Public as i32;
+    expiring.expire_time = Some(soon);
+    ids.push(cached.memory().create_memory(alice(create(expiring))).await.expect("create").into_inner().id);
+    let granted = create_as_alice(&cached, "granted for a while", pb::AccessLevel::Shared).await;
+    cached
+        .memory()
+        .share_memory(alice(pb::ShareMemoryRequest {
+            id: granted.clone(),
+            grant: vec![pb::ShareGrant {
+                agent_id: "carol".into(),
+                permission: pb::SharePermission::Read as i32,
+                expire_time: Some(soon),
+            }],
+            ..Default::default()
+        }))
+        .await
+        .expect("share");
+    ids.push(granted);
+
+    let agents = [
+        ("alice", "red", "agent"),
+        ("bob", "red", "agent"),
+        ("carol", "blue", "agent"),
+        ("root", "red", "admin"),
+        ("rita", "red", "readonly"),
+        ("dev-agent", "default", "agent"),
+    ];
+    let compare = |phase: &'static str| {
+        let ids = ids.clone();
+        let (cached, uncached) = (&cached, &uncached);
+        async move {
+            let mut visible = 0;
+            for id in &ids {
+                // Warm the cache as the owner (or read the row again after it expired).
+                let _ = read(cached, id, ALICE).await;
+                let _ = read(cached, id, ("root", "red", "admin")).await;
+                for agent in agents {
+                    let want = read(uncached, id, agent).await;
+                    let got = read(cached, id, agent).await;
+                    assert_eq!(got, want, "{phase}: {agent:?} reading {id}");
+                    visible += usize::from(got.is_ok());
+                }
+            }
+            visible
+        }
+    };
+    let before = compare("before expiry").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let after = compare("after expiry").await;
+    // The matrix is not trivial: something became invisible (the expired memory to all, the
+    // expired grant to carol).
+    assert!(after < before && after > 0, "visible answers: {before} before, {after} after");
+    assert_eq!(read(&cached, &ids[5], ALICE).await, Err(Code::NotFound), "an expired memory is nobody's");
+    assert_eq!(read(&cached, &ids[6], CAROL).await, Err(Code::NotFound), "an expired grant shows nothing");
+    cached.stop().await.expect("stop");
+    uncached.stop().await.expect("stop");
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL and Redis"]
+async fn after_losing_its_listening_connection_the_cache_starts_over() {
+    let database = fresh_database(&postgres_env()).await;
+    let app = spawn_secure(&database, CACHED).await;
+    let id = create_as_alice(&app, "before the loss", pb::AccessLevel::Private).await;
+    assert_eq!(read(&app, &id, ALICE).await.as_deref(), Ok("before the loss"));
+    change_unannounced(&app, &id, "unannounced").await;
+    assert_eq!(read(&app, &id, ALICE).await.as_deref(), Ok("before the loss"), "cached");
+
+    // Kill the server's LISTEN connection: changes made until it listens again go unheard, so
+    // the cache must forget everything it had.
+    let mut conn = db(&app).await;
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE '%LISTEN%'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("terminate the listener");
+    assert_eq!(killed, [true], "one listening connection");
+    read_until(&app, &id, ALICE, Ok("unannounced"), "the cache after the listener came back").await;
+
+    // And it listens again: announced changes still arrive.
+    assert_eq!(read(&app, &id, ALICE).await.as_deref(), Ok("unannounced"));
+    sqlx::query("UPDATE memories SET content = 'announced again' WHERE id = $1::uuid")
+        .bind(&id)
+        .execute(&mut conn)
+        .await
+        .expect("update");
+    read_until(&app, &id, ALICE, Ok("announced again"), "a change after reconnecting").await;
+    app.stop().await.expect("stop");
+}
