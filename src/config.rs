@@ -324,6 +324,16 @@ pub const SETTINGS: &[Setting] = &[
         help: "Audit events older than this are deleted (0: keep forever)",
     },
     Setting { name: "TMWS_AUDIT_SWEEP_INTERVAL", default: "10m", help: "How often old audit events are deleted" },
+    Setting {
+        name: "TMWS_AUTH_CACHE_TTL",
+        default: "1s",
+        help: "Longest a found API key or JWT agent is reused without reading it again (PostgreSQL; revocations and agent changes apply at once through LISTEN/NOTIFY, this bounds what a lost notification can cost); 0 turns the cache off",
+    },
+    Setting {
+        name: "TMWS_AUTH_CACHE_ENTRIES",
+        default: "10000",
+        help: "Most API keys, and apart most agents, each replica remembers; 0 turns the cache off",
+    },
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -39,11 +39,11 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         None => None,
     };
 
-    let security = Security::start(&config, &db, redis.clone()).await?;
+    let (notifier, listener_task) = db.notifier().await?;
+    let security = Security::start(&config, &db, redis.clone(), &notifier).await?;
     let tls = server_tls(&config.security.tls)?;
 
     let embedder = Embedder::from_config(&config.embedding)?;
-    let (notifier, listener_task) = db.notifier().await?;
     let memory_service = MemoryService::new(db.clone(), embedder, config.memory.clone(), &notifier).await?;
     let workflow_service = WorkflowService::new(
         db.clone(),

@@ -74,6 +74,10 @@ pub struct SecurityConfig {
     /// Audit rows older than this are deleted; zero keeps them forever.
     pub audit_retention: Duration,
     pub audit_sweep_interval: Duration,
+    /// Lifetime of a remembered credential; zero = no credential cache.
+    pub auth_cache_ttl: Duration,
+    /// Most API keys (and, apart, agents) remembered; 0 = no credential cache.
+    pub auth_cache_entries: usize,
 }
 
 fn rate<G>(get: &G, per_sec: (&'static str, f64), burst: (&'static str, u32)) -> Result<Rate, ConfigError>
@@ -167,7 +171,11 @@ impl SecurityConfig {
         if audit_sweep_interval.is_zero() {
             return Err(err("TMWS_AUDIT_SWEEP_INTERVAL", "must be greater than zero"));
         }
+        let auth_cache_ttl = parse_duration(get, "TMWS_AUTH_CACHE_TTL", Duration::from_secs(1))?;
+        let auth_cache_entries = parse_range(get, "TMWS_AUTH_CACHE_ENTRIES", 10_000, 0, 10_000_000)?;
         Ok(Self {
+            auth_cache_ttl,
+            auth_cache_entries,
             jwt,
             tls,
             bootstrap_admin,

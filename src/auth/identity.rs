@@ -11,11 +11,13 @@
 //! - Agents see themselves and the agents of their namespace; another namespace's agents are
 //!   NOT_FOUND to them.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::{AgentStatus, Principal, RequestContext, Role, Scope, Scopes, keys};
+use super::{AgentStatus, Principal, RequestContext, Role, Scope, Scopes, cache::AuthCache, keys};
 use crate::{
     config::is_valid_identifier,
     error::{Error, FieldViolation, Result},
@@ -34,6 +36,9 @@ pub struct IdentityService {
     tokens: PageTokens,
     default_page_size: usize,
     max_page_size: usize,
+    /// The authenticator's credential cache, emptied by this replica's own changes before they
+    /// answer (other replicas hear of them through `tmws_identity`).
+    cache: Option<Arc<AuthCache>>,
 }
 
 #[derive(Serialize)]
@@ -44,7 +49,12 @@ struct PageQuery<'a, F: Serialize> {
 }
 
 impl IdentityService {
-    pub async fn new(pg: Db, default_page_size: usize, max_page_size: usize) -> anyhow::Result<Self> {
+    pub async fn new(
+        pg: Db,
+        default_page_size: usize,
+        max_page_size: usize,
+        cache: Option<Arc<AuthCache>>,
+    ) -> anyhow::Result<Self> {
         // The page-token key shared by every replica (the same one the memory service uses).
         let key = pg
             .secret("page_token_key", &|| {
@@ -54,7 +64,7 @@ impl IdentityService {
             })
             .await?;
         anyhow::ensure!(key.iter().any(|b| *b != 0), "could not generate a random page token key");
-        Ok(Self { pg, tokens: PageTokens::new(&key)?, default_page_size, max_page_size })
+        Ok(Self { pg, tokens: PageTokens::new(&key)?, default_page_size, max_page_size, cache })
     }
 
     fn page_size(&self, requested: i32) -> Result<usize> {
@@ -186,7 +196,17 @@ impl IdentityService {
         };
         let current = self.pg.get_agent(id).await?.ok_or_else(|| Error::not_found("agent", id))?;
         let audit = AuditEvent::ok(p, &current.namespace, ctx, id);
-        self.pg.update_agent(id, expected, display_name.as_deref(), status, &audit).await
+        let outcome = self.pg.update_agent(id, expected, display_name.as_deref(), status, &audit).await;
+        self.forget_credentials();
+        outcome
+    }
+
+    /// Empties the credential cache (called after every change to an agent or a key, whatever
+    /// its outcome).
+    fn forget_credentials(&self) {
+        if let Some(cache) = &self.cache {
+            cache.clear();
+        }
     }
 
     /// A new key; returns the stored key and the full key string (shown once).
@@ -321,7 +341,9 @@ impl IdentityService {
         }
         let ns = self.pg.get_agent(&key.agent_id).await?.map(|a| a.namespace).unwrap_or_default();
         let audit = AuditEvent::ok(p, &ns, ctx, id);
-        self.pg.revoke_api_key(id, &audit).await
+        let outcome = self.pg.revoke_api_key(id, &audit).await;
+        self.forget_credentials();
+        outcome
     }
 
     /// The caller's agent row (in development, when the agent is not in the table, one made

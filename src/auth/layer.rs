@@ -30,6 +30,7 @@ use uuid::Uuid;
 use super::{
     AuthOutcome, Credential, Principal, RequestContext, Role, Scope, Scopes,
     audit::AuditSink,
+    cache::AuthCache,
     jwt::JwtVerifier,
     keys,
     overload::{is_infrastructure_path, status_response},
@@ -138,6 +139,8 @@ enum Mode {
     Enabled {
         pg: Db,
         jwt: Option<JwtVerifier>,
+        /// Found credentials, remembered (PostgreSQL; see src/auth/cache.rs).
+        cache: Option<Arc<AuthCache>>,
     },
 }
 
@@ -151,18 +154,18 @@ impl Authenticator {
         Self { mode: Mode::Development(dev) }
     }
 
-    pub fn enabled(pg: Db, jwt: Option<JwtVerifier>) -> Self {
-        Self { mode: Mode::Enabled { pg, jwt } }
+    pub fn enabled(pg: Db, jwt: Option<JwtVerifier>, cache: Option<Arc<AuthCache>>) -> Self {
+        Self { mode: Mode::Enabled { pg, jwt, cache } }
     }
 
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<(Principal, Credential), AuthFailure> {
-        let (pg, jwt) = match &self.mode {
+        let (pg, jwt, cache) = match &self.mode {
             Mode::Development(dev) => {
                 return dev_principal(dev, headers)
                     .map(|p| (p, Credential::Development))
                     .map_err(AuthFailure::unauthenticated);
             }
-            Mode::Enabled { pg, jwt } => (pg, jwt),
+            Mode::Enabled { pg, jwt, cache } => (pg, jwt, cache.as_deref()),
         };
         let value = headers.get(http::header::AUTHORIZATION).ok_or_else(|| {
             AuthFailure::unauthenticated("missing credentials: send `authorization: Bearer <API key or JWT>` metadata")
@@ -176,22 +179,33 @@ impl Authenticator {
             return Err(AuthFailure::unauthenticated("empty bearer credential"));
         }
         if token.starts_with(keys::KEY_PREFIX) {
-            return api_key_principal(pg, token).await;
+            return api_key_principal(pg, cache, token).await;
         }
         if token.matches('.').count() == 2 {
             let Some(jwt) = jwt else {
                 return Err(AuthFailure::unauthenticated("JWT authentication is not enabled on this server"));
             };
             let verified = jwt.verify(token).map_err(AuthFailure::unauthenticated)?;
-            let agent = pg
-                .get_agent(&verified.subject)
-                .await
-                .map_err(AuthFailure::unavailable)?
-                .ok_or_else(|| AuthFailure::unauthenticated("JWT sub is not a known agent"))?;
+            let agent = match cache.and_then(|c| c.agent(&verified.subject)) {
+                Some(agent) => agent,
+                None => {
+                    let epoch = cache.and_then(AuthCache::epoch);
+                    let agent = Arc::new(
+                        pg.get_agent(&verified.subject)
+                            .await
+                            .map_err(AuthFailure::unavailable)?
+                            .ok_or_else(|| AuthFailure::unauthenticated("JWT sub is not a known agent"))?,
+                    );
+                    if let (Some(c), Some(e)) = (cache, epoch) {
+                        c.insert_agent(e, agent.clone());
+                    }
+                    agent
+                }
+            };
             if agent.status != AgentStatus::Active {
                 return Err(AuthFailure::suspended(&agent.id, &agent.namespace));
             }
-            let mut p = Principal::new(agent.id, agent.namespace, agent.role);
+            let mut p = Principal::new(agent.id.clone(), agent.namespace.clone(), agent.role);
             if let Some(s) = verified.scopes {
                 p.scopes = p.scopes.intersect(s);
             }
@@ -201,10 +215,26 @@ impl Authenticator {
     }
 }
 
-async fn api_key_principal(pg: &Db, token: &str) -> Result<(Principal, Credential), AuthFailure> {
+async fn api_key_principal(
+    pg: &Db,
+    cache: Option<&AuthCache>,
+    token: &str,
+) -> Result<(Principal, Credential), AuthFailure> {
     let parsed = keys::parse(token).ok_or_else(|| AuthFailure::unauthenticated("malformed API key"))?;
     let invalid = || AuthFailure::unauthenticated("invalid API key").with_key(parsed.key_id);
-    let found = pg.lookup_api_key(parsed.key_id).await.map_err(AuthFailure::unavailable)?.ok_or_else(invalid)?;
+    let found = match cache.and_then(|c| c.key(parsed.key_id)) {
+        Some(found) => found,
+        None => {
+            let epoch = cache.and_then(AuthCache::epoch);
+            let found = Arc::new(
+                pg.lookup_api_key(parsed.key_id).await.map_err(AuthFailure::unavailable)?.ok_or_else(invalid)?,
+            );
+            if let (Some(c), Some(e)) = (cache, epoch) {
+                c.insert_key(e, parsed.key_id, found.clone());
+            }
+            found
+        }
+    };
     if !keys::verify(parsed.secret, &found.secret_hash) {
         return Err(invalid());
     }
@@ -222,12 +252,12 @@ async fn api_key_principal(pg: &Db, token: &str) -> Result<(Principal, Credentia
     if found.agent.status != AgentStatus::Active {
         return Err(AuthFailure::suspended(&found.agent.id, &found.agent.namespace).with_key(parsed.key_id));
     }
-    let mut p = Principal::new(found.agent.id, found.agent.namespace, found.agent.role);
+    let mut p = Principal::new(found.agent.id.clone(), found.agent.namespace.clone(), found.agent.role);
     if !found.key.scopes.is_empty() {
         let key_scopes: Scopes = found.key.scopes.iter().filter_map(|s| Scope::parse(s)).collect();
         p.scopes = p.scopes.intersect(key_scopes);
     }
-    Ok((p, Credential::ApiKey { key_id: found.key.id }))
+    Ok((p, Credential::ApiKey { key_id: found.key.id.clone() }))
 }
 
 fn dev_principal(dev: &DevPrincipalConfig, headers: &HeaderMap) -> Result<Principal, String> {

@@ -34,6 +34,7 @@
 
 pub mod audit;
 pub mod bootstrap;
+pub mod cache;
 pub mod config;
 pub mod identity;
 pub mod jwt;

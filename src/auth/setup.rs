@@ -1,5 +1,7 @@
 //! Wiring of the security parts for the composition root (`crate::server`).
 
+use std::sync::Arc;
+
 use tokio::{sync::watch, task::JoinHandle};
 use tower::{
     ServiceBuilder,
@@ -9,6 +11,7 @@ use tower::{
 use super::{
     audit::AuditSink,
     bootstrap,
+    cache::AuthCache,
     identity::IdentityService,
     jwt::{self, JwtVerifier},
     layer::{AuthLayer, Authenticator},
@@ -17,7 +20,7 @@ use super::{
 };
 use crate::{
     config::Config,
-    store::{Db, RedisStore},
+    store::{Db, RedisStore, notify::Notifier},
 };
 
 /// The layers every call passes, outermost first: load shedding, deadline, authentication
@@ -34,14 +37,34 @@ pub struct Security {
 
 impl Security {
     /// Applies `TMWS_BOOTSTRAP_ADMIN_KEY`, loads the JWT keys, and starts the audit writer.
-    pub async fn start(config: &Config, pg: &Db, redis: Option<RedisStore>) -> anyhow::Result<Self> {
+    pub async fn start(
+        config: &Config,
+        pg: &Db,
+        redis: Option<RedisStore>,
+        notifier: &Notifier,
+    ) -> anyhow::Result<Self> {
         jwt::install_crypto_provider();
         let s = &config.security;
+        // Credentials are remembered only where changes to them are announced (PostgreSQL).
+        let cache = (config.auth_enabled
+            && s.auth_cache_entries > 0
+            && !s.auth_cache_ttl.is_zero()
+            && notifier.announces_changes())
+        .then(|| {
+            let cache = Arc::new(AuthCache::new(s.auth_cache_entries, s.auth_cache_ttl));
+            // Ends when the notifier closes or the cache is dropped.
+            drop(cache.follow(notifier));
+            cache
+        });
         let authenticator = if config.auth_enabled {
             if let Some(b) = &s.bootstrap_admin {
                 bootstrap::apply_bootstrap_admin(pg, b).await?;
             }
-            Authenticator::enabled(pg.clone(), JwtVerifier::from_config(&s.jwt, config.secret_key.as_deref())?)
+            Authenticator::enabled(
+                pg.clone(),
+                JwtVerifier::from_config(&s.jwt, config.secret_key.as_deref())?,
+                cache.clone(),
+            )
         } else {
             tracing::warn!(
                 agent = %config.dev.agent_id,
@@ -55,7 +78,8 @@ impl Security {
         let (audit_stop, stop_rx) = watch::channel(false);
         let (sink, audit_task) = AuditSink::start(pg.clone(), s.audit_retention, s.audit_sweep_interval, stop_rx);
         let identity =
-            IdentityService::new(pg.clone(), config.memory.default_page_size, config.memory.max_page_size).await?;
+            IdentityService::new(pg.clone(), config.memory.default_page_size, config.memory.max_page_size, cache)
+                .await?;
         let layers = ServiceBuilder::new()
             .layer(LoadShedLayer::new(s.max_concurrent_requests))
             .layer(DeadlineLayer::new(s.request_timeout_max))

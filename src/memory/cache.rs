@@ -32,7 +32,7 @@ use uuid::Uuid;
 use super::{AccessLevel, Memory};
 use crate::{
     auth::Principal,
-    store::notify::{MemoryChange, Notifier},
+    store::notify::{Change, Notifier},
 };
 
 /// Whether `p`, addressing `target_ns`, may read `m` at `now`: the store's visibility rule
@@ -209,7 +209,7 @@ impl MemoryCache {
     /// Applies the memory changes `notifier` announces, from now until it is dropped; the cache
     /// stores only while they are being announced.
     pub fn follow(self: &Arc<Self>, notifier: &Notifier) -> tokio::task::JoinHandle<()> {
-        let (mut rx, listening) = notifier.subscribe_memory();
+        let (mut rx, listening) = notifier.subscribe_changes();
         self.set_enabled(listening);
         let cache = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -217,10 +217,11 @@ impl MemoryCache {
                 let change = rx.recv().await;
                 let Some(cache) = cache.upgrade() else { return };
                 match change {
-                    Ok(MemoryChange::Changed(ids)) => cache.invalidate(&ids),
-                    Ok(MemoryChange::All) | Err(RecvError::Lagged(_)) => cache.clear(),
-                    Ok(MemoryChange::Lost) => cache.set_enabled(false),
-                    Ok(MemoryChange::Listening) => cache.set_enabled(true),
+                    Ok(Change::Memories(ids)) => cache.invalidate(&ids),
+                    Ok(Change::AllMemories) | Err(RecvError::Lagged(_)) => cache.clear(),
+                    Ok(Change::Identity) => {}
+                    Ok(Change::Lost) => cache.set_enabled(false),
+                    Ok(Change::Listening) => cache.set_enabled(true),
                     Err(RecvError::Closed) => {
                         cache.set_enabled(false);
                         return;

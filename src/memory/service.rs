@@ -191,13 +191,12 @@ impl MemoryService {
             .await?;
         anyhow::ensure!(key.iter().any(|b| *b != 0), "could not generate a random page token key");
         store.ensure_vector_index(embedder.dimension(), cfg.hnsw_m, cfg.hnsw_ef_construction).await?;
-        let cache =
-            (cfg.cache_bytes > 0 && !cfg.cache_ttl.is_zero() && notifier.announces_memory_changes()).then(|| {
-                let cache = Arc::new(MemoryCache::new(cfg.cache_bytes, cfg.cache_ttl));
-                // Ends when the notifier closes or the cache is dropped.
-                drop(cache.follow(notifier));
-                cache
-            });
+        let cache = (cfg.cache_bytes > 0 && !cfg.cache_ttl.is_zero() && notifier.announces_changes()).then(|| {
+            let cache = Arc::new(MemoryCache::new(cfg.cache_bytes, cfg.cache_ttl));
+            // Ends when the notifier closes or the cache is dropped.
+            drop(cache.follow(notifier));
+            cache
+        });
         Ok(Self {
             store,
             embedder,

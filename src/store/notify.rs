@@ -2,9 +2,9 @@
 //!
 //! One listening connection per process; notifications fan out to in-process subscribers
 //! through broadcast channels. Workflow wake-ups are hints, not guarantees (every waiter also
-//! re-checks the database on a short timer). Memory changes feed the GetMemory read cache, which
-//! must know when it may have missed one: a lost connection is announced
-//! ([`MemoryChange::Lost`]), and so is listening again ([`MemoryChange::Listening`]).
+//! re-checks the database on a short timer). Changes to memories and to agents and keys feed the
+//! read caches (GetMemory, credentials), which must know when they may have missed one: a lost
+//! connection is announced ([`Change::Lost`]), and so is listening again ([`Change::Listening`]).
 
 use std::{
     sync::{
@@ -22,6 +22,8 @@ use super::workflow::{NOTIFY_QUEUE, NOTIFY_RUN};
 
 /// The channel of memory changes (migration 0012: ids comma-separated, or `*`).
 pub const NOTIFY_MEMORY: &str = "tmws_memory";
+/// The channel of changes to agents and API keys (migration 0013; no payload).
+pub const NOTIFY_IDENTITY: &str = "tmws_identity";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notification {
@@ -31,43 +33,45 @@ pub enum Notification {
     Run(Uuid),
 }
 
-/// What the memory channel says.
+/// What the change channels say.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MemoryChange {
+pub enum Change {
     /// These memories (or their grants) changed or were deleted.
-    Changed(Vec<Uuid>),
+    Memories(Vec<Uuid>),
     /// Any memory may have changed (a large statement, a TRUNCATE, an unreadable payload).
-    All,
+    AllMemories,
+    /// An agent or an API key changed or was deleted.
+    Identity,
     /// The listening connection was lost: changes may go unannounced until
-    /// [`MemoryChange::Listening`].
+    /// [`Change::Listening`].
     Lost,
     /// Listening again after a loss; changes made meanwhile were not announced.
     Listening,
 }
 
-impl MemoryChange {
-    fn parse(payload: &str) -> MemoryChange {
+impl Change {
+    fn parse_memories(payload: &str) -> Change {
         if payload == "*" {
-            return MemoryChange::All;
+            return Change::AllMemories;
         }
         let ids: Result<Vec<Uuid>, _> = payload.split(',').map(str::parse).collect();
-        ids.map(MemoryChange::Changed).unwrap_or(MemoryChange::All)
+        ids.map(Change::Memories).unwrap_or(Change::AllMemories)
     }
 }
 
 #[derive(Clone)]
 pub struct Notifier {
     tx: broadcast::Sender<Notification>,
-    memory_tx: broadcast::Sender<MemoryChange>,
-    /// Memory changes are announced at all (PostgreSQL); the embedded store announces none.
-    memory_announced: bool,
-    /// True while memory changes are being announced (a PostgreSQL listener is connected).
-    memory_listening: Arc<AtomicBool>,
+    changes_tx: broadcast::Sender<Change>,
+    /// Changes are announced at all (PostgreSQL); the embedded store announces none.
+    changes_announced: bool,
+    /// True while changes are being announced (a PostgreSQL listener is connected).
+    listening: Arc<AtomicBool>,
 }
 
 impl Notifier {
-    /// Starts listening on `tmws_queue`, `tmws_run` and `tmws_memory`; the task ends when the
-    /// handle is aborted or the pool is closed.
+    /// Starts listening on `tmws_queue`, `tmws_run`, `tmws_memory` and `tmws_identity`; the
+    /// task ends when the handle is aborted or the pool is closed.
     pub async fn listen(pool: &PgPool) -> anyhow::Result<(Self, JoinHandle<()>)> {
         let this = Self::new(true);
         let mut listener = connect(pool).await?;
@@ -80,14 +84,14 @@ impl Notifier {
                     Ok(None) => {
                         // Lost and already listening again on a new connection.
                         tracing::warn!("LISTEN connection lost and re-established; notifications may have been missed");
-                        out.memory_lost();
-                        out.memory_listening();
+                        out.lost();
+                        out.listening();
                     }
                     Err(e) => {
                         if pool.is_closed() {
                             return;
                         }
-                        out.memory_lost();
+                        out.lost();
                         tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
                         listener = loop {
                             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -99,7 +103,7 @@ impl Notifier {
                                 Err(e) => tracing::warn!(error = %e, "LISTEN reconnection failed; retrying"),
                             }
                         };
-                        out.memory_listening();
+                        out.listening();
                     }
                 }
             }
@@ -108,25 +112,21 @@ impl Notifier {
     }
 
     /// A notifier fed in-process (the embedded store sends after each commit); it announces no
-    /// memory changes, so nothing relies on them there.
+    /// changes to memories or identities, so no cache relies on them there.
     pub fn local() -> Self {
         Self::new(false)
     }
 
-    fn new(memory_listening: bool) -> Self {
+    fn new(announced: bool) -> Self {
         let (tx, _) = broadcast::channel(1024);
-        let (memory_tx, _) = broadcast::channel(1024);
-        Self {
-            tx,
-            memory_tx,
-            memory_announced: memory_listening,
-            memory_listening: Arc::new(AtomicBool::new(memory_listening)),
-        }
+        let (changes_tx, _) = broadcast::channel(1024);
+        Self { tx, changes_tx, changes_announced: announced, listening: Arc::new(AtomicBool::new(announced)) }
     }
 
-    /// Whether this backend announces memory changes (PostgreSQL does, through triggers).
-    pub fn announces_memory_changes(&self) -> bool {
-        self.memory_announced
+    /// Whether this backend announces changes to memories and identities (PostgreSQL does,
+    /// through triggers).
+    pub fn announces_changes(&self) -> bool {
+        self.changes_announced
     }
 
     fn dispatch(&self, channel: &str, payload: &str) {
@@ -141,20 +141,23 @@ impl Notifier {
                 }
             }
             NOTIFY_MEMORY => {
-                let _ = self.memory_tx.send(MemoryChange::parse(payload));
+                let _ = self.changes_tx.send(Change::parse_memories(payload));
+            }
+            NOTIFY_IDENTITY => {
+                let _ = self.changes_tx.send(Change::Identity);
             }
             _ => {}
         }
     }
 
-    fn memory_lost(&self) {
-        self.memory_listening.store(false, Ordering::SeqCst);
-        let _ = self.memory_tx.send(MemoryChange::Lost);
+    fn lost(&self) {
+        self.listening.store(false, Ordering::SeqCst);
+        let _ = self.changes_tx.send(Change::Lost);
     }
 
-    fn memory_listening(&self) {
-        self.memory_listening.store(true, Ordering::SeqCst);
-        let _ = self.memory_tx.send(MemoryChange::Listening);
+    fn listening(&self) {
+        self.listening.store(true, Ordering::SeqCst);
+        let _ = self.changes_tx.send(Change::Listening);
     }
 
     /// Delivers `note` to every current subscriber (in-process backends).
@@ -166,17 +169,17 @@ impl Notifier {
         self.tx.subscribe()
     }
 
-    /// Memory changes from now on, and whether they are being announced at this moment (read
-    /// after subscribing, so a loss from then on is also received).
-    pub fn subscribe_memory(&self) -> (broadcast::Receiver<MemoryChange>, bool) {
-        let rx = self.memory_tx.subscribe();
-        (rx, self.memory_listening.load(Ordering::SeqCst))
+    /// Changes from now on, and whether they are being announced at this moment (read after
+    /// subscribing, so a loss from then on is also received).
+    pub fn subscribe_changes(&self) -> (broadcast::Receiver<Change>, bool) {
+        let rx = self.changes_tx.subscribe();
+        (rx, self.listening.load(Ordering::SeqCst))
     }
 }
 
 async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen_all([NOTIFY_QUEUE, NOTIFY_RUN, NOTIFY_MEMORY]).await?;
+    listener.listen_all([NOTIFY_QUEUE, NOTIFY_RUN, NOTIFY_MEMORY, NOTIFY_IDENTITY]).await?;
     Ok(listener)
 }
 
@@ -188,18 +191,18 @@ mod tests {
     fn memory_payloads() {
         let a = Uuid::now_v7();
         let b = Uuid::now_v7();
-        assert_eq!(MemoryChange::parse(&format!("{a},{b}")), MemoryChange::Changed(vec![a, b]));
-        assert_eq!(MemoryChange::parse(&a.to_string()), MemoryChange::Changed(vec![a]));
-        assert_eq!(MemoryChange::parse("*"), MemoryChange::All);
-        assert_eq!(MemoryChange::parse(&format!("{a},garbage")), MemoryChange::All, "unreadable means all");
-        assert_eq!(MemoryChange::parse(""), MemoryChange::All);
+        assert_eq!(Change::parse_memories(&format!("{a},{b}")), Change::Memories(vec![a, b]));
+        assert_eq!(Change::parse_memories(&a.to_string()), Change::Memories(vec![a]));
+        assert_eq!(Change::parse_memories("*"), Change::AllMemories);
+        assert_eq!(Change::parse_memories(&format!("{a},garbage")), Change::AllMemories, "unreadable means all");
+        assert_eq!(Change::parse_memories(""), Change::AllMemories);
     }
 
     #[test]
-    fn the_local_notifier_announces_no_memory_changes() {
+    fn the_local_notifier_announces_no_changes() {
         let local = Notifier::local();
-        let (_, listening) = local.subscribe_memory();
+        let (_, listening) = local.subscribe_changes();
         assert!(!listening);
-        assert!(!local.announces_memory_changes());
+        assert!(!local.announces_changes());
     }
 }

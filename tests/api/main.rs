@@ -3,6 +3,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod auth_cache;
 mod cli;
 mod health;
 mod identity;
