@@ -18,11 +18,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::broadcast::error::RecvError;
-
 use crate::store::{
     identity::{Agent, KeyLookup},
-    notify::{Change, Notifier},
+    notify::{Change, ChangeSink},
 };
 
 #[derive(Debug)]
@@ -78,7 +76,7 @@ pub struct AuthCache {
 
 impl AuthCache {
     /// At most `max_entries` keys and as many agents, each for `ttl`; stores nothing until
-    /// [`AuthCache::follow`] or [`AuthCache::set_enabled`] turns it on.
+    /// [`crate::store::notify::follow`] or [`AuthCache::set_enabled`] turns it on.
     pub fn new(max_entries: usize, ttl: Duration) -> Self {
         Self { inner: Mutex::default(), ttl, max_entries }
     }
@@ -128,29 +126,21 @@ impl AuthCache {
         inner.drop_all();
         inner.enabled = on;
     }
+}
 
-    /// Applies the identity changes `notifier` announces, from now until it is dropped; the
-    /// cache stores only while they are being announced.
-    pub fn follow(self: &Arc<Self>, notifier: &Notifier) -> tokio::task::JoinHandle<()> {
-        let (mut rx, listening) = notifier.subscribe_changes();
+impl ChangeSink for AuthCache {
+    fn apply(&self, change: &Change) {
+        if *change == Change::Identity {
+            AuthCache::clear(self);
+        }
+    }
+
+    fn set_listening(&self, listening: bool) {
         self.set_enabled(listening);
-        let cache = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                let change = rx.recv().await;
-                let Some(cache) = cache.upgrade() else { return };
-                match change {
-                    Ok(Change::Identity) | Err(RecvError::Lagged(_)) => cache.clear(),
-                    Ok(Change::Memories(_) | Change::AllMemories) => {}
-                    Ok(Change::Lost) => cache.set_enabled(false),
-                    Ok(Change::Listening) => cache.set_enabled(true),
-                    Err(RecvError::Closed) => {
-                        cache.set_enabled(false);
-                        return;
-                    }
-                }
-            }
-        })
+    }
+
+    fn clear(&self) {
+        AuthCache::clear(self);
     }
 }
 

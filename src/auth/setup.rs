@@ -53,7 +53,7 @@ impl Security {
         .then(|| {
             let cache = Arc::new(AuthCache::new(s.auth_cache_entries, s.auth_cache_ttl));
             // Ends when the notifier closes or the cache is dropped.
-            drop(cache.follow(notifier));
+            drop(crate::store::notify::follow(&cache, notifier));
             cache
         });
         let authenticator = if config.auth_enabled {

@@ -26,13 +26,12 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
 use super::{AccessLevel, Memory};
 use crate::{
     auth::Principal,
-    store::notify::{Change, Notifier},
+    store::notify::{Change, ChangeSink},
 };
 
 /// Whether `p`, addressing `target_ns`, may read `m` at `now`: the store's visibility rule
@@ -128,7 +127,8 @@ fn cost_of(m: &Memory) -> usize {
 
 impl MemoryCache {
     /// A cache of at most `max_bytes` (estimated) whose entries live for `ttl`, storing
-    /// nothing until [`MemoryCache::follow`] or [`MemoryCache::set_enabled`] turns it on.
+    /// nothing until [`crate::store::notify::follow`] or [`MemoryCache::set_enabled`] turns it
+    /// on.
     pub fn new(max_bytes: usize, ttl: Duration) -> Self {
         Self { inner: Mutex::default(), ttl, max_bytes }
     }
@@ -205,30 +205,23 @@ impl MemoryCache {
         let inner = self.lock();
         (inner.entries.len(), inner.bytes)
     }
+}
 
-    /// Applies the memory changes `notifier` announces, from now until it is dropped; the cache
-    /// stores only while they are being announced.
-    pub fn follow(self: &Arc<Self>, notifier: &Notifier) -> tokio::task::JoinHandle<()> {
-        let (mut rx, listening) = notifier.subscribe_changes();
+impl ChangeSink for MemoryCache {
+    fn apply(&self, change: &Change) {
+        match change {
+            Change::Memories(ids) => self.invalidate(ids),
+            Change::AllMemories => MemoryCache::clear(self),
+            _ => {}
+        }
+    }
+
+    fn set_listening(&self, listening: bool) {
         self.set_enabled(listening);
-        let cache = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                let change = rx.recv().await;
-                let Some(cache) = cache.upgrade() else { return };
-                match change {
-                    Ok(Change::Memories(ids)) => cache.invalidate(&ids),
-                    Ok(Change::AllMemories) | Err(RecvError::Lagged(_)) => cache.clear(),
-                    Ok(Change::Identity) => {}
-                    Ok(Change::Lost) => cache.set_enabled(false),
-                    Ok(Change::Listening) => cache.set_enabled(true),
-                    Err(RecvError::Closed) => {
-                        cache.set_enabled(false);
-                        return;
-                    }
-                }
-            }
-        })
+    }
+
+    fn clear(&self) {
+        MemoryCache::clear(self);
     }
 }
 
@@ -238,30 +231,9 @@ mod tests {
     use crate::{auth::Role, memory::Grant};
 
     fn memory(owner: &str, ns: &str, level: AccessLevel) -> Memory {
-        let now = Utc::now();
-        Memory {
-            id: Uuid::now_v7(),
-            namespace: ns.into(),
-            owner: owner.into(),
-            content: "x".repeat(100),
-            summary: String::new(),
-            kind: String::new(),
-            tags: vec!["a".into()],
-            metadata: serde_json::json!({}),
-            importance: 0.5,
-            access_level: level,
-            grants: vec![],
-            parent_id: None,
-            embedding_model: None,
-            embedding_dim: None,
-            embedding: None,
-            create_time: now,
-            update_time: now,
-            expire_time: None,
-            access_count: 0,
-            last_access_time: None,
-            version: 1,
-        }
+        let mut m = crate::memory::test_memory(Uuid::now_v7(), owner, ns, level);
+        m.content = "x".repeat(100);
+        m
     }
 
     fn on(max: usize, ttl: Duration) -> MemoryCache {

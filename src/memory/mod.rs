@@ -244,3 +244,32 @@ pub struct PruneCriteria {
     pub limit: usize,
     pub dry_run: bool,
 }
+
+/// A plain stored memory for unit tests: `owner`'s, in `namespace`, at `level`, no grants.
+#[cfg(test)]
+pub(crate) fn test_memory(id: Uuid, owner: &str, namespace: &str, level: AccessLevel) -> Memory {
+    let now = Utc::now();
+    Memory {
+        id,
+        namespace: namespace.into(),
+        owner: owner.into(),
+        content: format!("memory {id}"),
+        summary: String::new(),
+        kind: String::new(),
+        tags: vec![],
+        metadata: serde_json::json!({}),
+        importance: 0.5,
+        access_level: level,
+        grants: vec![],
+        parent_id: None,
+        embedding_model: None,
+        embedding_dim: None,
+        embedding: None,
+        create_time: now,
+        update_time: now,
+        expire_time: None,
+        access_count: 0,
+        last_access_time: None,
+        version: 1,
+    }
+}

@@ -137,30 +137,7 @@ mod tests {
     use crate::memory::{AccessLevel, Memory};
 
     fn mem(n: u128) -> Memory {
-        let now = chrono::Utc::now();
-        Memory {
-            id: Uuid::from_u128(n),
-            namespace: "ns".into(),
-            owner: "a".into(),
-            content: format!("m{n}"),
-            summary: String::new(),
-            kind: String::new(),
-            tags: vec![],
-            metadata: serde_json::json!({}),
-            importance: 0.5,
-            access_level: AccessLevel::Team,
-            grants: vec![],
-            parent_id: None,
-            embedding_model: None,
-            embedding_dim: None,
-            embedding: None,
-            create_time: now,
-            update_time: now,
-            expire_time: None,
-            access_count: 0,
-            last_access_time: None,
-            version: 1,
-        }
+        crate::memory::test_memory(Uuid::from_u128(n), "a", "ns", AccessLevel::Team)
     }
 
     fn scored(n: u128, score: f64, v: Option<Vec<f32>>) -> ScoredMemory {

@@ -194,7 +194,7 @@ impl MemoryService {
         let cache = (cfg.cache_bytes > 0 && !cfg.cache_ttl.is_zero() && notifier.announces_changes()).then(|| {
             let cache = Arc::new(MemoryCache::new(cfg.cache_bytes, cfg.cache_ttl));
             // Ends when the notifier closes or the cache is dropped.
-            drop(cache.follow(notifier));
+            drop(crate::store::notify::follow(&cache, notifier));
             cache
         });
         Ok(Self {

@@ -15,7 +15,10 @@ use std::{
 };
 
 use sqlx::{PgPool, postgres::PgListener};
-use tokio::{sync::broadcast, task::JoinHandle};
+use tokio::{
+    sync::broadcast::{self, error::RecvError},
+    task::JoinHandle,
+};
 use uuid::Uuid;
 
 use super::workflow::{NOTIFY_QUEUE, NOTIFY_RUN};
@@ -175,6 +178,40 @@ impl Notifier {
         let rx = self.changes_tx.subscribe();
         (rx, self.listening.load(Ordering::SeqCst))
     }
+}
+
+/// A cache kept fresh by announced changes (see [`follow`]).
+pub trait ChangeSink: Send + Sync + 'static {
+    /// Applies an announced change to memories or identities.
+    fn apply(&self, change: &Change);
+    /// Forgets everything; from now on stores only if `listening` (changes are announced).
+    fn set_listening(&self, listening: bool);
+    /// Forgets everything (announcements may have been missed).
+    fn clear(&self);
+}
+
+/// Feeds the changes `notifier` announces to `sink`, from now until the notifier closes or the
+/// sink is dropped; the sink learns when announcements stop and resume.
+pub fn follow<T: ChangeSink>(sink: &Arc<T>, notifier: &Notifier) -> JoinHandle<()> {
+    let (mut rx, listening) = notifier.subscribe_changes();
+    sink.set_listening(listening);
+    let sink = Arc::downgrade(sink);
+    tokio::spawn(async move {
+        loop {
+            let change = rx.recv().await;
+            let Some(sink) = sink.upgrade() else { return };
+            match change {
+                Ok(Change::Lost) => sink.set_listening(false),
+                Ok(Change::Listening) => sink.set_listening(true),
+                Ok(change) => sink.apply(&change),
+                Err(RecvError::Lagged(_)) => sink.clear(),
+                Err(RecvError::Closed) => {
+                    sink.set_listening(false);
+                    return;
+                }
+            }
+        }
+    })
 }
 
 async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {

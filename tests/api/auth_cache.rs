@@ -8,10 +8,13 @@
 
 use std::time::Duration;
 
-use sqlx::{Connection, Executor, PgConnection};
+use sqlx::Executor;
 use tonic::Code;
 
-use crate::common::{TestApp, as_agent, fresh_database, postgres_env, spawn_secure, with_key};
+use crate::common::{
+    TestApp, as_agent, disable_triggers, execute_unannounced, fresh_database, pg_connect, postgres_env, spawn_secure,
+    terminate_listeners, with_key,
+};
 use tmws::pb;
 
 const CACHED: &[(&str, &str)] = &[("TMWS_AUTH_CACHE_TTL", "1h")];
@@ -51,19 +54,10 @@ fn key_id(key: &str) -> String {
     key.split('_').nth(1).expect("tmws_<id>_<secret>").to_string()
 }
 
-async fn db(app: &TestApp) -> PgConnection {
-    PgConnection::connect(&app.database_url).await.expect("connect to the test database")
-}
-
 /// Revokes `key` in SQL with triggers off: nobody is told.
 async fn revoke_unannounced(app: &TestApp, key: &str) {
-    let mut conn = db(app).await;
-    conn.execute("SET session_replication_role = replica").await.expect("replica role");
-    sqlx::query("UPDATE api_keys SET revoke_time = now() WHERE id = $1")
-        .bind(key_id(key))
-        .execute(&mut conn)
-        .await
-        .expect("revoke in SQL");
+    let sql = format!("UPDATE api_keys SET revoke_time = now() WHERE id = '{}'", key_id(key));
+    execute_unannounced(&app.database_url, &[&sql]).await;
 }
 
 fn status(agent: &str, status: pb::AgentStatus) -> pb::UpdateAgentRequest {
@@ -93,7 +87,7 @@ async fn found_credentials_are_remembered_and_announced_changes_end_them() {
     assert_eq!(call_with_key(&cached, &wrong).await, Err(Code::Unauthenticated));
 
     // Any announced change, here a plain UPDATE in SQL of another agent, ends it.
-    let mut conn = db(&cached).await;
+    let mut conn = pg_connect(&cached.database_url).await;
     conn.execute("UPDATE agents SET display_name = 'renamed' WHERE id = 'bob'").await.expect("update");
     until("an announced change", Err(Code::Unauthenticated), || call_with_key(&cached, &key)).await;
     cached.stop().await.expect("stop");
@@ -127,10 +121,7 @@ async fn a_replica_applies_its_own_revocations_and_suspensions_at_once() {
     let database = fresh_database(&postgres_env()).await;
     let app = spawn_secure(&database, CACHED).await;
     // Announcements off: the replica's own bookkeeping alone must apply its changes.
-    let mut conn = db(&app).await;
-    for (table, trigger) in [("agents", "agents_changed"), ("api_keys", "api_keys_changed")] {
-        conn.execute(format!("ALTER TABLE {table} DISABLE TRIGGER {trigger}").as_str()).await.expect("disable trigger");
-    }
+    disable_triggers(&app.database_url, &[("agents", "agents_changed"), ("api_keys", "api_keys_changed")]).await;
     for round in 0..5 {
         let key = app.create_key("alice", &[]).await;
         assert_eq!(call_with_key(&app, &key).await, Ok(()));
@@ -156,15 +147,7 @@ async fn after_losing_its_listening_connection_the_credential_cache_starts_over(
     revoke_unannounced(&app, &key).await;
     assert_eq!(call_with_key(&app, &key).await, Ok(()), "cached");
 
-    let mut conn = db(&app).await;
-    let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE '%LISTEN%'",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .expect("terminate the listener");
-    assert_eq!(killed, [true], "one listening connection");
+    assert_eq!(terminate_listeners(&app.database_url).await, 1, "one listening connection");
     until("the cache after the listener came back", Err(Code::Unauthenticated), || call_with_key(&app, &key)).await;
     app.stop().await.expect("stop");
 }

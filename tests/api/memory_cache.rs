@@ -7,11 +7,13 @@
 
 use std::time::Duration;
 
-use sqlx::{Connection, Executor, PgConnection};
 use tonic::Code;
 
 use crate::{
-    common::{TestApp, as_agent, fresh_database, postgres_env, spawn_secure},
+    common::{
+        TestApp, as_agent, disable_triggers, execute_unannounced, fresh_database, pg_connect, postgres_env,
+        spawn_secure, terminate_listeners,
+    },
     memory::{create, memory},
 };
 use tmws::pb;
@@ -59,22 +61,11 @@ async fn create_as_alice(app: &TestApp, content: &str, level: pb::AccessLevel) -
     app.memory().create_memory(alice(create(m))).await.expect("create").into_inner().id
 }
 
-async fn db(app: &TestApp) -> PgConnection {
-    PgConnection::connect(&app.database_url).await.expect("connect to the test database")
-}
-
-/// Changes the content in SQL with triggers off (`session_replication_role = replica`): nobody
-/// is told.
+/// Changes the content in SQL with triggers off: nobody is told.
 async fn change_unannounced(app: &TestApp, id: &str, content: &str) {
-    let mut conn = db(app).await;
-    conn.execute("SET session_replication_role = replica").await.expect("replica role");
     let id: uuid::Uuid = id.parse().expect("uuid");
-    sqlx::query("UPDATE memories SET content = $1 WHERE id = $2")
-        .bind(content)
-        .bind(id)
-        .execute(&mut conn)
-        .await
-        .expect("update");
+    execute_unannounced(&app.database_url, &[&format!("UPDATE memories SET content = '{content}' WHERE id = '{id}'")])
+        .await;
 }
 
 #[tokio::test]
@@ -103,7 +94,7 @@ async fn repeated_reads_are_served_from_the_cache_and_announced_changes_end_them
     assert_eq!(full.content, "changed behind its back");
 
     // Any announced change, here a plain UPDATE in SQL, reaches it.
-    let mut conn = db(&cached).await;
+    let mut conn = pg_connect(&cached.database_url).await;
     sqlx::query("UPDATE memories SET content = 'changed in SQL' WHERE id = $1::uuid")
         .bind(&id)
         .execute(&mut conn)
@@ -180,16 +171,17 @@ async fn a_replica_reads_its_own_writes_at_once() {
     let app = spawn_secure(&database, CACHED).await;
     let mut c = app.memory();
     // Announcements off: the replica's own bookkeeping alone must keep its reads fresh.
-    let mut conn = db(&app).await;
-    for (table, trigger) in [
-        ("memories", "memories_updated"),
-        ("memories", "memories_deleted"),
-        ("memory_grants", "memory_grants_inserted"),
-        ("memory_grants", "memory_grants_updated"),
-        ("memory_grants", "memory_grants_deleted"),
-    ] {
-        conn.execute(format!("ALTER TABLE {table} DISABLE TRIGGER {trigger}").as_str()).await.expect("disable trigger");
-    }
+    disable_triggers(
+        &app.database_url,
+        &[
+            ("memories", "memories_updated"),
+            ("memories", "memories_deleted"),
+            ("memory_grants", "memory_grants_inserted"),
+            ("memory_grants", "memory_grants_updated"),
+            ("memory_grants", "memory_grants_deleted"),
+        ],
+    )
+    .await;
     let id = create_as_alice(&app, "round 0", pb::AccessLevel::Shared).await;
     // No waiting anywhere: every read right after a write must show it.
     for round in 1..=20 {
@@ -340,19 +332,12 @@ async fn after_losing_its_listening_connection_the_cache_starts_over() {
 
     // Kill the server's LISTEN connection: changes made until it listens again go unheard, so
     // the cache must forget everything it had.
-    let mut conn = db(&app).await;
-    let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE '%LISTEN%'",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .expect("terminate the listener");
-    assert_eq!(killed, [true], "one listening connection");
+    assert_eq!(terminate_listeners(&app.database_url).await, 1, "one listening connection");
     read_until(&app, &id, ALICE, Ok("unannounced"), "the cache after the listener came back").await;
 
     // And it listens again: announced changes still arrive.
     assert_eq!(read(&app, &id, ALICE).await.as_deref(), Ok("unannounced"));
+    let mut conn = pg_connect(&app.database_url).await;
     sqlx::query("UPDATE memories SET content = 'announced again' WHERE id = $1::uuid")
         .bind(&id)
         .execute(&mut conn)

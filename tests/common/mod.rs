@@ -163,6 +163,43 @@ pub fn with_host_port(url: &str, addr: SocketAddr) -> String {
     format!("{}{}{}{}", &url[..scheme_end], userinfo, addr, &rest[authority_end..])
 }
 
+/// A direct connection to a PostgreSQL test database.
+pub async fn pg_connect(url: &str) -> PgConnection {
+    PgConnection::connect(url).await.expect("connect to the test database")
+}
+
+/// Runs `statements` on one connection to the PostgreSQL database at `url` with triggers off
+/// (`session_replication_role = replica`): changes nobody is told about.
+pub async fn execute_unannounced(url: &str, statements: &[&str]) {
+    let mut conn = pg_connect(url).await;
+    conn.execute("SET session_replication_role = replica").await.expect("replica role");
+    for sql in statements {
+        conn.execute(*sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+}
+
+/// Disables `(table, trigger)` pairs of the database at `url` for every session.
+pub async fn disable_triggers(url: &str, triggers: &[(&str, &str)]) {
+    let mut conn = pg_connect(url).await;
+    for (table, trigger) in triggers {
+        conn.execute(format!("ALTER TABLE {table} DISABLE TRIGGER {trigger}").as_str()).await.expect("disable trigger");
+    }
+}
+
+/// Terminates the LISTEN connection of every server on the database at `url` (what a network
+/// fault or a database restart does to it); returns how many were terminated.
+pub async fn terminate_listeners(url: &str) -> usize {
+    let mut conn = pg_connect(url).await;
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE '%LISTEN%'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("terminate listeners");
+    killed.into_iter().filter(|k| *k).count()
+}
+
 /// A fresh, empty database for one test, as a TMWS_DATABASE_URL. On SQLite: a new file in a new
 /// temp dir. On PostgreSQL: a database `tmws_test_<unix secs>_<random>`; test databases older
 /// than two hours (left by earlier runs) are dropped along the way.
