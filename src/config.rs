@@ -1036,6 +1036,11 @@ mod tests {
             ("TMWS_DATABASE_URL", "mysql://x"),
             ("TMWS_REDIS_URL", "http://x"),
             ("TMWS_MAX_MESSAGE_BYTES", "1"),
+            ("TMWS_MEMORY_CACHE_BYTES", "-1"),
+            ("TMWS_MEMORY_CACHE_BYTES", "lots"),
+            ("TMWS_MEMORY_CACHE_TTL", "soon"),
+            ("TMWS_AUTH_CACHE_TTL", "-1s"),
+            ("TMWS_AUTH_CACHE_ENTRIES", "100000000"),
         ] {
             let e = cfg(&[(name, value)]).expect_err(name);
             assert_eq!(e.variable, name, "{e}");
@@ -1065,6 +1070,22 @@ mod tests {
         assert_eq!(e.variable, "TMWS_SECRET_KEY");
         let e = cfg(&[("TMWS_ENVIRONMENT", "production")]).expect_err("no database url");
         assert_eq!(e.variable, "TMWS_DATABASE_URL");
+    }
+
+    #[test]
+    fn read_caches_default_on_and_turn_off_with_zero() {
+        let c = cfg(&[]).expect("defaults");
+        assert_eq!((c.memory.cache_bytes, c.memory.cache_ttl), (32 * 1024 * 1024, secs(1)));
+        assert_eq!((c.security.auth_cache_entries, c.security.auth_cache_ttl), (10_000, secs(1)));
+        let c = cfg(&[
+            ("TMWS_MEMORY_CACHE_BYTES", "0"),
+            ("TMWS_MEMORY_CACHE_TTL", "0"),
+            ("TMWS_AUTH_CACHE_ENTRIES", "0"),
+            ("TMWS_AUTH_CACHE_TTL", "0"),
+        ])
+        .expect("zero is off");
+        assert_eq!((c.memory.cache_bytes, c.memory.cache_ttl), (0, Duration::ZERO));
+        assert_eq!((c.security.auth_cache_entries, c.security.auth_cache_ttl), (0, Duration::ZERO));
     }
 
     #[test]
