@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use sqlx::Executor;
 use tonic::Code;
 
 use crate::{
@@ -344,5 +345,50 @@ async fn after_losing_its_listening_connection_the_cache_starts_over() {
         .await
         .expect("update");
     read_until(&app, &id, ALICE, Ok("announced again"), "a change after reconnecting").await;
+    app.stop().await.expect("stop");
+}
+
+/// The next notification within half a second, if any.
+async fn next(listener: &mut sqlx::postgres::PgListener) -> Option<sqlx::postgres::PgNotification> {
+    tokio::time::timeout(Duration::from_millis(500), listener.recv()).await.ok().map(|n| n.expect("notification"))
+}
+
+/// `ALTER DATABASE … SET tmws.announce_changes = off` (migration 0014; for deployments with
+/// every read cache off) stops the announcements; unset or `on`, they are sent.
+#[tokio::test]
+#[ignore = "needs PostgreSQL and Redis"]
+async fn announcements_can_be_switched_off_for_the_database() {
+    let database = fresh_database(&postgres_env()).await;
+    let app = spawn_secure(&database, UNCACHED).await;
+    let id = create_as_alice(&app, "announced or not", pb::AccessLevel::Private).await;
+    let mut listener = sqlx::postgres::PgListener::connect(&database).await.expect("listen");
+    listener.listen_all(["tmws_memory", "tmws_identity"]).await.expect("listen");
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut pg_connect(&database).await)
+        .await
+        .expect("database name");
+    let update = |sql: String| {
+        let database = database.clone();
+        async move {
+            // A new session picks up the database's settings.
+            pg_connect(&database).await.execute(sql.as_str()).await.expect("update");
+        }
+    };
+
+    update(format!("UPDATE memories SET importance = 0.7 WHERE id = '{id}'")).await;
+    let n = next(&mut listener).await.expect("announced by default");
+    assert_eq!((n.channel(), n.payload()), ("tmws_memory", id.as_str()));
+    update("UPDATE agents SET display_name = 'x' WHERE id = 'bob'".into()).await;
+    assert_eq!(next(&mut listener).await.expect("identity announced").channel(), "tmws_identity");
+
+    update(format!("ALTER DATABASE \"{name}\" SET tmws.announce_changes = off")).await;
+    update(format!("UPDATE memories SET importance = 0.8 WHERE id = '{id}'")).await;
+    update("UPDATE agents SET display_name = 'y' WHERE id = 'bob'".into()).await;
+    update(format!("DELETE FROM memories WHERE id = '{id}'")).await;
+    assert!(next(&mut listener).await.is_none(), "nothing announced while switched off");
+
+    update(format!("ALTER DATABASE \"{name}\" SET tmws.announce_changes = on")).await;
+    update("UPDATE agents SET display_name = 'z' WHERE id = 'bob'".into()).await;
+    assert_eq!(next(&mut listener).await.expect("announced again").channel(), "tmws_identity");
     app.stop().await.expect("stop");
 }
