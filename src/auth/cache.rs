@@ -12,6 +12,7 @@
 //! happens.
 
 use std::{
+    borrow::Borrow,
     collections::HashMap,
     hash::Hash,
     sync::{Arc, Mutex, MutexGuard},
@@ -20,7 +21,7 @@ use std::{
 
 use crate::store::{
     identity::{Agent, KeyLookup},
-    notify::{Change, ChangeSink},
+    notify::{Change, ChangeSink, Gate},
 };
 
 #[derive(Debug)]
@@ -35,7 +36,10 @@ impl<K: Hash + Eq, V> Default for Entries<K, V> {
 }
 
 impl<K: Hash + Eq, V> Entries<K, V> {
-    fn get(&self, k: &K, ttl: Duration) -> Option<Arc<V>> {
+    fn get<Q: Hash + Eq + ?Sized>(&self, k: &Q, ttl: Duration) -> Option<Arc<V>>
+    where
+        K: Borrow<Q>,
+    {
         self.map.get(k).filter(|(_, at)| at.elapsed() < ttl).map(|(v, _)| v.clone())
     }
 
@@ -52,15 +56,15 @@ impl<K: Hash + Eq, V> Entries<K, V> {
 
 #[derive(Debug, Default)]
 struct Inner {
-    enabled: bool,
-    epoch: u64,
+    /// Open while changes are announced; advanced by every drop.
+    gate: Gate,
     keys: Entries<String, KeyLookup>,
     agents: Entries<String, Agent>,
 }
 
 impl Inner {
     fn drop_all(&mut self) {
-        self.epoch += 1;
+        self.gate.advance();
         self.keys.map.clear();
         self.agents.map.clear();
     }
@@ -87,22 +91,21 @@ impl AuthCache {
 
     /// The epoch to pass to an insert after the lookup; `None` when nothing may be stored now.
     pub fn epoch(&self) -> Option<u64> {
-        let inner = self.lock();
-        inner.enabled.then_some(inner.epoch)
+        self.lock().gate.current()
     }
 
     pub fn key(&self, key_id: &str) -> Option<Arc<KeyLookup>> {
-        self.lock().keys.get(&key_id.to_string(), self.ttl)
+        self.lock().keys.get(key_id, self.ttl)
     }
 
     pub fn agent(&self, agent_id: &str) -> Option<Arc<Agent>> {
-        self.lock().agents.get(&agent_id.to_string(), self.ttl)
+        self.lock().agents.get(agent_id, self.ttl)
     }
 
     /// Remembers a key found under `epoch`, unless anything changed since.
     pub fn insert_key(&self, epoch: u64, key_id: &str, found: Arc<KeyLookup>) {
         let mut inner = self.lock();
-        if inner.enabled && inner.epoch == epoch {
+        if inner.gate.admits(epoch) {
             inner.keys.insert(key_id.to_string(), found, self.ttl, self.max_entries);
         }
     }
@@ -110,7 +113,7 @@ impl AuthCache {
     /// Remembers an agent found under `epoch`, unless anything changed since.
     pub fn insert_agent(&self, epoch: u64, found: Arc<Agent>) {
         let mut inner = self.lock();
-        if inner.enabled && inner.epoch == epoch {
+        if inner.gate.admits(epoch) {
             inner.agents.insert(found.id.clone(), found, self.ttl, self.max_entries);
         }
     }
@@ -124,7 +127,7 @@ impl AuthCache {
     pub fn set_enabled(&self, on: bool) {
         let mut inner = self.lock();
         inner.drop_all();
-        inner.enabled = on;
+        inner.gate.set_open(on);
     }
 }
 

@@ -31,7 +31,7 @@ use uuid::Uuid;
 use super::{AccessLevel, Memory};
 use crate::{
     auth::Principal,
-    store::notify::{Change, ChangeSink},
+    store::notify::{Change, ChangeSink, Gate},
 };
 
 /// Whether `p`, addressing `target_ns`, may read `m` at `now`: the store's visibility rule
@@ -58,10 +58,8 @@ struct Entry {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Changes are being announced; otherwise nothing is kept.
-    enabled: bool,
-    /// Advanced by every drop; a read stores its row only under the epoch it started in.
-    epoch: u64,
+    /// Open while changes are announced; advanced by every drop.
+    gate: Gate,
     entries: HashMap<Uuid, Entry>,
     /// Insertion order (id, seq) for expiry and eviction; pairs whose entry is gone or was
     /// replaced are skipped.
@@ -72,7 +70,7 @@ struct Inner {
 
 impl Inner {
     fn drop_all(&mut self) {
-        self.epoch += 1;
+        self.gate.advance();
         self.entries.clear();
         self.order.clear();
         self.bytes = 0;
@@ -140,8 +138,7 @@ impl MemoryCache {
     /// The epoch to pass to [`MemoryCache::insert`] after reading; `None` when nothing may be
     /// stored now.
     pub fn epoch(&self) -> Option<u64> {
-        let inner = self.lock();
-        inner.enabled.then_some(inner.epoch)
+        self.lock().gate.current()
     }
 
     /// The entry for `id` if there is a fresh one.
@@ -158,7 +155,7 @@ impl MemoryCache {
             return;
         }
         let mut inner = self.lock();
-        if !inner.enabled || inner.epoch != epoch {
+        if !inner.gate.admits(epoch) {
             return;
         }
         let id = memory.id;
@@ -182,7 +179,7 @@ impl MemoryCache {
     /// Drops the entries of `ids` (they changed).
     pub fn invalidate(&self, ids: &[Uuid]) {
         let mut inner = self.lock();
-        inner.epoch += 1;
+        inner.gate.advance();
         for id in ids {
             inner.remove(id);
         }
@@ -197,7 +194,7 @@ impl MemoryCache {
     pub fn set_enabled(&self, on: bool) {
         let mut inner = self.lock();
         inner.drop_all();
-        inner.enabled = on;
+        inner.gate.set_open(on);
     }
 
     /// The number of entries and their estimated bytes.

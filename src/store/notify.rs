@@ -180,6 +180,39 @@ impl Notifier {
     }
 }
 
+/// The storing rule the read caches share, kept under each cache's lock: store only while
+/// changes are announced, and only what was read under the current epoch. Every drop advances
+/// the epoch, so a read that overlapped a change (its epoch taken before, its row stored after)
+/// is not stored.
+#[derive(Debug, Default)]
+pub struct Gate {
+    open: bool,
+    epoch: u64,
+}
+
+impl Gate {
+    /// The epoch a read should store under; `None` while nothing may be stored.
+    pub fn current(&self) -> Option<u64> {
+        self.open.then_some(self.epoch)
+    }
+
+    /// Whether a read taken under `epoch` may be stored now.
+    pub fn admits(&self, epoch: u64) -> bool {
+        self.open && self.epoch == epoch
+    }
+
+    /// Something was dropped: reads in flight must not store.
+    pub fn advance(&mut self) {
+        self.epoch += 1;
+    }
+
+    /// Opens or closes storing (and advances, as the caller drops everything).
+    pub fn set_open(&mut self, open: bool) {
+        self.advance();
+        self.open = open;
+    }
+}
+
 /// A cache kept fresh by announced changes (see [`follow`]).
 pub trait ChangeSink: Send + Sync + 'static {
     /// Applies an announced change to memories or identities.
