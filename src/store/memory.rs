@@ -889,25 +889,43 @@ impl MemoryStore for PgStore {
         let ids: Vec<Uuid> = counts.iter().map(|c| c.0).collect();
         let ns: Vec<i64> = counts.iter().map(|c| c.1).collect();
         let times: Vec<DateTime<Utc>> = counts.iter().map(|c| c.2).collect();
-        // Upsert per memory (ids sorted, so concurrent flushes of replicas take row locks in one
-        // order). FOR KEY SHARE waits for a concurrent delete of the memory and then skips it,
-        // instead of failing the whole flush on the foreign key.
-        sqlx::query(
-            "INSERT INTO memory_access AS a (memory_id, access_count, last_access_time) \
-             SELECT u.id, u.n, u.t FROM (SELECT id, sum(n)::bigint AS n, max(t) AS t \
-               FROM UNNEST($1::uuid[], $2::bigint[], $3::timestamptz[]) AS x(id, n, t) GROUP BY id) u \
-             JOIN memories m ON m.id = u.id ORDER BY u.id FOR KEY SHARE OF m \
-             ON CONFLICT (memory_id) DO UPDATE SET access_count = a.access_count + EXCLUDED.access_count, \
-               last_access_time = GREATEST(a.last_access_time, EXCLUDED.last_access_time)",
-        )
-        .bind(&ids)
-        .bind(&ns)
-        .bind(&times)
-        .execute(self.pool())
-        .await?;
-        Ok(())
+        // Upsert per memory, in id order (so concurrent flushes of replicas take row locks in one
+        // order). The memories are checked, not locked: locking them (FOR KEY SHARE) rewrote the
+        // header of every counted memory's row on each flush, a full-page image of its page after
+        // each checkpoint (megabytes of WAL per flush under search load; docs/BENCHMARKS.md,
+        // tuning log 13). A memory deleted after the check makes the first count of it fail on
+        // the foreign key (an existing count goes with the memory); the statement then runs again
+        // in a new snapshot, without that memory.
+        let mut attempts = 0;
+        loop {
+            let result = sqlx::query(
+                "INSERT INTO memory_access AS a (memory_id, access_count, last_access_time) \
+                 SELECT u.id, u.n, u.t FROM (SELECT id, sum(n)::bigint AS n, max(t) AS t \
+                   FROM UNNEST($1::uuid[], $2::bigint[], $3::timestamptz[]) AS x(id, n, t) GROUP BY id) u \
+                 WHERE EXISTS (SELECT 1 FROM memories m WHERE m.id = u.id) ORDER BY u.id \
+                 ON CONFLICT (memory_id) DO UPDATE SET access_count = a.access_count + EXCLUDED.access_count, \
+                   last_access_time = GREATEST(a.last_access_time, EXCLUDED.last_access_time)",
+            )
+            .bind(&ids)
+            .bind(&ns)
+            .bind(&times)
+            .execute(self.pool())
+            .await;
+            match result {
+                Ok(_) => return Ok(()),
+                Err(sqlx::Error::Database(db))
+                    if db.code().as_deref() == Some("23503") && attempts < ACCESS_FLUSH_RETRIES =>
+                {
+                    attempts += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
+
+/// Times a read-count flush runs again after a memory it counted was deleted under it.
+const ACCESS_FLUSH_RETRIES: u32 = 3;
 
 async fn build_vector_index(conn: &mut sqlx::PgConnection, dim: usize, m: u32, ef_construction: u32) -> Result<()> {
     let name = format!("memories_embedding_hnsw_{dim}");

@@ -393,6 +393,56 @@ async fn reads_of_a_memory_deleted_before_the_flush_do_not_block_the_others() {
     app.stop().await.expect("stop");
 }
 
+/// A read count flushed while the memory it counts is being deleted: the flush waits for the
+/// delete (the foreign key), then writes the other counts and skips the deleted memory, whether
+/// or not it had a count row already (PostgreSQL: the flush checks memories, it does not lock
+/// them).
+#[tokio::test]
+#[ignore = "needs PostgreSQL and Redis"]
+async fn a_flush_racing_a_delete_keeps_the_other_counts() {
+    use sqlx::{Connection, Executor};
+    use tmws::store::{Backend, MemoryStore};
+
+    let env = crate::common::postgres_env();
+    let db = crate::common::fresh_database(&env).await;
+    let app = crate::common::spawn_secure(&db, &[]).await;
+    let mut client = app.memory();
+    let store = tmws::store::PgStore::connect(&crate::common::test_config(&db, None, &[])).await.expect("store");
+    let id = |m: &pb::Memory| uuid::Uuid::parse_str(&m.id).expect("uuid");
+    for counted_before in [false, true] {
+        let kept = client.create_memory(create(memory("kept memory"))).await.expect("create").into_inner();
+        let gone = client.create_memory(create(memory("deleted memory"))).await.expect("create").into_inner();
+        let now = chrono::Utc::now();
+        if counted_before {
+            store.record_access(&[(id(&gone), 1, now)]).await.expect("first count");
+        }
+        let mut deleter = crate::common::pg_connect(&db).await;
+        let mut tx = deleter.begin().await.expect("begin");
+        tx.execute(format!("DELETE FROM memories WHERE id = '{}'", gone.id).as_str()).await.expect("delete");
+
+        let flush = {
+            let store = store.clone();
+            let counts = vec![(id(&gone), 2, now), (id(&kept), 3, now)];
+            tokio::spawn(async move { store.record_access(&counts).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!flush.is_finished(), "the flush waits for the delete (counted before: {counted_before})");
+        tx.commit().await.expect("commit the delete");
+        let result = tokio::time::timeout(Duration::from_secs(10), flush).await.expect("flush ends").expect("join");
+        result.unwrap_or_else(|e| panic!("flush failed (counted before: {counted_before}): {e}"));
+
+        let counts: Vec<(uuid::Uuid, i64)> =
+            sqlx::query_as("SELECT memory_id, access_count FROM memory_access WHERE memory_id = ANY($1)")
+                .bind(vec![id(&kept), id(&gone)])
+                .fetch_all(store.pool())
+                .await
+                .expect("counts");
+        assert_eq!(counts, vec![(id(&kept), 3)], "counted before: {counted_before}");
+    }
+    store.close().await;
+    app.stop().await.expect("stop");
+}
+
 #[tokio::test]
 async fn reads_are_counted_in_the_background() {
     let app = spawn_app_env(&[]).await;
