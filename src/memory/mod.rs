@@ -199,13 +199,43 @@ pub enum SearchMode {
     Hybrid,
 }
 
+/// Which stored vectors a search statement returns with its rows. A 384-dimension vector is
+/// 1.5 kB per row to read, send and decode, and only MMR re-ranking (`diversity`) and
+/// `with_embedding` use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SearchVectors {
+    /// None.
+    Skip,
+    /// In [`ScoredMemory::vector`], for MMR.
+    Ranking,
+    /// In [`ScoredMemory::vector`] and as the memory's `embedding`.
+    Embedding,
+}
+
+impl SearchVectors {
+    /// What a search needs: the memory's embedding when asked for, else vectors only for MMR.
+    pub fn needed(with_embedding: bool, diversity: f64) -> Self {
+        if with_embedding {
+            Self::Embedding
+        } else if diversity > 0.0 {
+            Self::Ranking
+        } else {
+            Self::Skip
+        }
+    }
+
+    pub fn any(self) -> bool {
+        self != Self::Skip
+    }
+}
+
 /// One hit of one search list before fusion.
 #[derive(Debug, Clone)]
 pub struct ScoredMemory {
     pub memory: Memory,
     /// Cosine similarity (semantic) or ts_rank_cd (keyword).
     pub score: f64,
-    /// The stored vector, for MMR re-ranking (semantic lists only).
+    /// The stored vector, for MMR re-ranking, when the search asked for it ([`SearchVectors`]).
     pub vector: Option<Vec<f32>>,
 }
 

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::{
     AccessLevel, Cursor, Grant, Memory, MemoryFilter, MemoryPatch, MemoryStats, NewMemory, OrderBy, PruneCriteria,
-    SearchHit, SearchMode,
+    SearchHit, SearchMode, SearchVectors,
     cache::{MemoryCache, visible_to},
     ranking,
 };
@@ -684,6 +684,7 @@ impl MemoryService {
         let k = if r.top_k == 0 { DEFAULT_TOP_K } else { (r.top_k as usize).min(self.cfg.max_top_k) };
         let diversity = r.diversity.unwrap_or(0.0);
         let candidates = if diversity > 0.0 || mode == SearchMode::Hybrid { (k * 4).clamp(40, 400) } else { k };
+        let vectors = SearchVectors::needed(r.with_embedding, diversity);
 
         let query_vector = match (&r.query_embedding, mode) {
             (_, SearchMode::Keyword) => None,
@@ -703,9 +704,7 @@ impl MemoryService {
                 (SearchMode::Semantic, Some(s)) => Some(1.0 - s),
                 _ => None,
             };
-            self.store
-                .semantic_search(p, &ns, &r.filter, q, &model, candidates, max_distance, exact, r.with_embedding)
-                .await
+            self.store.semantic_search(p, &ns, &r.filter, q, &model, candidates, max_distance, exact, vectors).await
         };
         let keyword = async {
             if mode == SearchMode::Semantic {
@@ -720,7 +719,7 @@ impl MemoryService {
                     &r.query,
                     &self.cfg.text_search_config,
                     candidates,
-                    r.with_embedding,
+                    vectors,
                     self.embedder.dimension(),
                 )
                 .await?;

@@ -20,7 +20,7 @@ use crate::{
     error::{Error, Result},
     memory::{
         AccessLevel, Cursor, Grant, Memory, MemoryFilter, MemoryPatch, MemoryStats, NewMemory, OrderBy, Permission,
-        PruneCriteria, ScoredMemory,
+        PruneCriteria, ScoredMemory, SearchVectors,
     },
 };
 
@@ -267,6 +267,7 @@ fn push_semantic_query<'a>(
     k: usize,
     max_distance: Option<f64>,
     exact: bool,
+    vectors: SearchVectors,
 ) {
     // The dimension is a configuration integer, written as a literal so the planner matches the
     // per-dimension partial expression index.
@@ -274,7 +275,10 @@ fn push_semantic_query<'a>(
     qb.push(EXTRAS_OPEN);
     qb.push("SELECT ");
     qb.push(COLUMNS);
-    qb.push(format!(", m.embedding::vector({dim}) AS vec, "));
+    if vectors.any() {
+        qb.push(format!(", m.embedding::vector({dim}) AS vec"));
+    }
+    qb.push(", ");
     qb.push(&expr);
     qb.push_bind(query);
     qb.push(format!(") AS distance FROM memories m WHERE m.embedding_dim = {dim} AND m.embedding_model = "));
@@ -317,7 +321,7 @@ impl PgStore {
     ) -> Result<String> {
         let vector = Vector::from(query.to_vec());
         let mut qb = QueryBuilder::<Postgres>::new("EXPLAIN ");
-        push_semantic_query(&mut qb, p, ns, filter, &vector, model, query.len(), k, None, exact);
+        push_semantic_query(&mut qb, p, ns, filter, &vector, model, query.len(), k, None, exact, SearchVectors::Skip);
         let mut plan = String::new();
         for row in qb.build().fetch_all(self.pool()).await? {
             let line: String = row.try_get(0)?;
@@ -668,22 +672,21 @@ impl MemoryStore for PgStore {
         k: usize,
         max_distance: Option<f64>,
         exact: bool,
-        with_embedding: bool,
+        vectors: SearchVectors,
     ) -> Result<Vec<ScoredMemory>> {
         let vector = Vector::from(query.to_vec());
         let mut qb = QueryBuilder::<Postgres>::new("");
-        push_semantic_query(&mut qb, p, ns, filter, &vector, model, query.len(), k, max_distance, exact);
+        push_semantic_query(&mut qb, p, ns, filter, &vector, model, query.len(), k, max_distance, exact, vectors);
         let rows = qb.build().fetch_all(self.pool()).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             let mut memory = memory_from_row(row, false)?;
             let distance: f64 = row.try_get("distance")?;
-            let vec: Vector = row.try_get("vec")?;
-            let vec = vec.to_vec();
-            if with_embedding {
-                memory.embedding = Some(vec.clone());
+            let vec = if vectors.any() { Some(row.try_get::<Vector, _>("vec")?.to_vec()) } else { None };
+            if vectors == SearchVectors::Embedding {
+                memory.embedding = vec.clone();
             }
-            out.push(ScoredMemory { memory, score: 1.0 - distance, vector: Some(vec) });
+            out.push(ScoredMemory { memory, score: 1.0 - distance, vector: vec });
         }
         Ok(out)
     }
@@ -697,16 +700,16 @@ impl MemoryStore for PgStore {
         text: &str,
         text_config: &str,
         k: usize,
-        with_embedding: bool,
+        vectors: SearchVectors,
         dim: usize,
     ) -> Result<Vec<ScoredMemory>> {
         let mut qb = QueryBuilder::<Postgres>::new(EXTRAS_OPEN);
         qb.push("SELECT ");
         qb.push(COLUMNS);
-        qb.push(format!(
-            ", CASE WHEN m.embedding_dim = {dim} THEN m.embedding ELSE NULL END AS vec, ts_rank_cd(m.search_text, q) AS rank \
-             FROM memories m, websearch_to_tsquery("
-        ));
+        if vectors.any() {
+            qb.push(format!(", CASE WHEN m.embedding_dim = {dim} THEN m.embedding ELSE NULL END AS vec"));
+        }
+        qb.push(", ts_rank_cd(m.search_text, q) AS rank FROM memories m, websearch_to_tsquery(");
         qb.push_bind(text_config);
         qb.push("::regconfig, ");
         qb.push_bind(text);
@@ -723,9 +726,8 @@ impl MemoryStore for PgStore {
         for row in &rows {
             let mut memory = memory_from_row(row, false)?;
             let rank: f32 = row.try_get("rank")?;
-            let vec: Option<Vector> = row.try_get("vec")?;
-            let vec = vec.map(|v| v.to_vec());
-            if with_embedding {
+            let vec = if vectors.any() { row.try_get::<Option<Vector>, _>("vec")?.map(|v| v.to_vec()) } else { None };
+            if vectors == SearchVectors::Embedding {
                 memory.embedding = vec.clone();
             }
             out.push(ScoredMemory { memory, score: f64::from(rank), vector: vec });

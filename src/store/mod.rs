@@ -27,6 +27,7 @@ use crate::{
     error::Result,
     memory::{
         Cursor, Grant, Memory, MemoryFilter, MemoryPatch, MemoryStats, NewMemory, OrderBy, PruneCriteria, ScoredMemory,
+        SearchVectors,
     },
 };
 
@@ -102,7 +103,7 @@ pub trait MemoryStore: Send + Sync + 'static {
         k: usize,
         max_distance: Option<f64>,
         exact: bool,
-        with_embedding: bool,
+        vectors: SearchVectors,
     ) -> Result<Vec<ScoredMemory>>;
 
     /// Full-text matches, best first; score = ts_rank_cd. `dim` selects which stored vectors to
@@ -116,7 +117,7 @@ pub trait MemoryStore: Send + Sync + 'static {
         text: &str,
         text_config: &str,
         k: usize,
-        with_embedding: bool,
+        vectors: SearchVectors,
         dim: usize,
     ) -> Result<Vec<ScoredMemory>>;
 

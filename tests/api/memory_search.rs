@@ -244,3 +244,69 @@ async fn hybrid_ranks_keyword_only_and_meaning_only_matches() {
     assert_eq!(kw_only.results.len(), 1);
     app.stop().await.expect("stop");
 }
+
+/// Stored vectors are read only when a search needs them: MMR (`diversity`) re-ranks with them,
+/// the FULL view returns them, and a plain search returns none.
+#[tokio::test]
+async fn diversity_and_the_full_view_read_the_stored_vectors() {
+    let env = test_env();
+    let db = fresh_database(&env).await;
+    let app = spawn_secure(&db, &[("TMWS_EMBEDDING_PROVIDER", "none"), ("TMWS_EMBEDDING_DIMENSION", "8")]).await;
+    let mut client = app.memory();
+    let axis = |weights: &[(usize, f64)]| {
+        let mut v = vec![0.0; 8];
+        for (i, w) in weights {
+            v[*i] = *w;
+        }
+        normalise(v)
+    };
+    let q = axis(&[(0, 1.0)]);
+    // `near` is the best match, `twin` almost the same vector (similarity 0.9999 to `near`),
+    // `other` a weaker match in another direction (0.89 to the query and to `near`).
+    let vectors = [
+        ("near", axis(&[(0, 1.0), (1, 0.05)])),
+        ("twin", axis(&[(0, 1.0), (1, 0.06), (2, 0.01)])),
+        ("other", axis(&[(0, 1.0), (3, 0.5)])),
+    ];
+    let requests = vectors
+        .iter()
+        .map(|(content, v)| {
+            let mut m = memory(content);
+            m.embedding = v.clone();
+            create(m)
+        })
+        .collect();
+    client
+        .batch_create_memories(pb::BatchCreateMemoriesRequest { requests, ..Default::default() })
+        .await
+        .expect("batch");
+
+    let run = |diversity: Option<f64>, with_embedding: bool| {
+        let mut client = client.clone();
+        let view = if with_embedding { pb::MemoryView::Full } else { pb::MemoryView::Basic } as i32;
+        let request = pb::SearchMemoriesRequest { diversity, view, ..search(&q, 2, false, None) };
+        async move { client.search_memories(request).await.expect("search").into_inner().results }
+    };
+    let contents = |results: &[pb::SearchResult]| -> Vec<String> {
+        results.iter().filter_map(|r| r.memory.as_ref().map(|m| m.content.clone())).collect()
+    };
+
+    let plain = run(None, false).await;
+    assert_eq!(contents(&plain), ["near", "twin"], "relevance order");
+    assert!(plain.iter().all(|r| r.memory.as_ref().is_some_and(|m| m.embedding.is_empty())), "no vectors unasked");
+
+    // MMR sees that `twin` repeats `near` (without the vectors it would count them as unrelated).
+    let diverse = run(Some(0.95), false).await;
+    assert_eq!(contents(&diverse), ["near", "other"], "diversity re-ranks by the stored vectors");
+    assert!(diverse.iter().all(|r| r.memory.as_ref().is_some_and(|m| m.embedding.is_empty())));
+
+    for diversity in [None, Some(0.95)] {
+        let with = run(diversity, true).await;
+        for r in &with {
+            let m = r.memory.as_ref().expect("memory");
+            let stored = &vectors.iter().find(|(c, _)| *c == m.content).expect("known").1;
+            assert_eq!(&m.embedding, stored, "the FULL view returns the stored vector (diversity {diversity:?})");
+        }
+    }
+    app.stop().await.expect("stop");
+}

@@ -865,7 +865,7 @@ async fn search_scenario(ctx: &Arc<Ctx>, p: &sql::Principal, l: &Arc<Loaded>) ->
                                 sql::run_semantic(&pool, sql::semantic(&p, None, v, dim, cand, false, ""))
                                     .await
                                     .map_err(|e| e.to_string())?;
-                                sql::run_keyword(&pool, &p, &l.ds.query_texts[qi], cand, dim)
+                                sql::run_keyword(&pool, &p, &l.ds.query_texts[qi], cand)
                                     .await
                                     .map_err(|e| e.to_string())?;
                                 Ok(Sample::one())

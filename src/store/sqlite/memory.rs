@@ -28,7 +28,7 @@ use crate::{
     error::{Error, Result},
     memory::{
         AccessLevel, Cursor, Grant, Memory, MemoryFilter, MemoryPatch, MemoryStats, NewMemory, OrderBy, Permission,
-        PruneCriteria, ScoredMemory, ranking,
+        PruneCriteria, ScoredMemory, SearchVectors, ranking,
     },
     store::{MemoryStore, identity::AuditEvent},
 };
@@ -1074,7 +1074,7 @@ impl MemoryStore for SqliteStore {
         k: usize,
         max_distance: Option<f64>,
         exact: bool,
-        with_embedding: bool,
+        vectors: SearchVectors,
     ) -> Result<Vec<ScoredMemory>> {
         let dim = query.len();
         let mut normalised = query.to_vec();
@@ -1110,10 +1110,10 @@ impl MemoryStore for SqliteStore {
                 if max_distance.is_some_and(|d| 1.0 - score > d) {
                     continue;
                 }
-                if with_embedding {
+                if vectors == SearchVectors::Embedding {
                     memory.embedding = Some(vector.clone());
                 }
-                found.push((*seq, ScoredMemory { memory, score, vector: Some(vector) }));
+                found.push((*seq, ScoredMemory { memory, score, vector: vectors.any().then_some(vector) }));
                 if found.len() == k {
                     break;
                 }
@@ -1149,7 +1149,7 @@ impl MemoryStore for SqliteStore {
         text: &str,
         text_config: &str,
         k: usize,
-        with_embedding: bool,
+        vectors: SearchVectors,
         dim: usize,
     ) -> Result<Vec<ScoredMemory>> {
         let Some(fts) = fts_query(text, text_config) else { return Ok(Vec::new()) };
@@ -1172,12 +1172,13 @@ impl MemoryStore for SqliteStore {
         qb.push_bind(k as i64);
         qb.push(") SELECT ");
         qb.push(COLUMNS);
-        qb.push(", hits.rank, CASE WHEN m.embedding_dim = ");
-        qb.push_bind(dim as i64);
-        qb.push(
-            " THEN (SELECT v.embedding FROM memory_vectors v WHERE v.memory = m.seq) END AS vec \
-             FROM hits JOIN memories m ON m.seq = hits.seq ORDER BY hits.rank DESC, hits.id DESC",
-        );
+        qb.push(", hits.rank");
+        if vectors.any() {
+            qb.push(", CASE WHEN m.embedding_dim = ");
+            qb.push_bind(dim as i64);
+            qb.push(" THEN (SELECT v.embedding FROM memory_vectors v WHERE v.memory = m.seq) END AS vec");
+        }
+        qb.push(" FROM hits JOIN memories m ON m.seq = hits.seq ORDER BY hits.rank DESC, hits.id DESC");
         let mut conn = self.reader().acquire().await?;
         let rows = qb.build().fetch_all(&mut *conn).await?;
         let mut out = Vec::with_capacity(rows.len());
@@ -1185,8 +1186,8 @@ impl MemoryStore for SqliteStore {
         for row in &rows {
             let (seq, mut memory) = memory_from_row(row)?;
             let rank: f64 = row.try_get("rank")?;
-            let vec = vector_from_row(row, "vec")?;
-            if with_embedding {
+            let vec = if vectors.any() { vector_from_row(row, "vec")? } else { None };
+            if vectors == SearchVectors::Embedding {
                 memory.embedding = vec.clone();
             }
             out.push((rank, vec));
@@ -1642,7 +1643,10 @@ mod tests {
 
         let f = MemoryFilter::default();
         let search = || async {
-            let hits = s.semantic_search(&alice, RED, &f, &q, MODEL, 10, None, false, false).await.expect("search");
+            let hits = s
+                .semantic_search(&alice, RED, &f, &q, MODEL, 10, None, false, SearchVectors::Ranking)
+                .await
+                .expect("search");
             hits.into_iter().map(|h| h.memory.id).collect::<Vec<_>>()
         };
         assert!(get(s, &alice, RED, gone).await.is_none(), "expired rows are invisible at once");
@@ -1905,7 +1909,10 @@ mod tests {
         let kw = |p: Principal, text: &'static str| {
             let f = f.clone();
             async move {
-                let hits = s.keyword_search(&p, RED, &f, text, "english", 10, false, 2).await.expect("keyword");
+                let hits = s
+                    .keyword_search(&p, RED, &f, text, "english", 10, SearchVectors::Ranking, 2)
+                    .await
+                    .expect("keyword");
                 hits.into_iter().map(|h| (h.memory.content, h.score, h.vector)).collect::<Vec<_>>()
             }
         };
@@ -1931,11 +1938,16 @@ mod tests {
         // Vectors of the asked dimension come along; others do not.
         let hs = kw(alice.clone(), "handshake").await;
         assert_eq!(hs[0].2, Some(vec![1.0, 0.0]));
-        let hits = s.keyword_search(&alice, RED, &f, "handshake", "english", 10, true, 3).await.expect("kw");
+        let hits = s
+            .keyword_search(&alice, RED, &f, "handshake", "english", 10, SearchVectors::Embedding, 3)
+            .await
+            .expect("kw");
         assert!(hits[0].vector.is_none() && hits[0].memory.embedding.is_none());
         // Filters apply inside the query.
         let only_finance = MemoryFilter { tags_any: vec!["finance".into()], ..MemoryFilter::default() };
-        let hits = s.keyword_search(&alice, RED, &only_finance, "budget or cat", "english", 10, false, 2).await;
+        let hits = s
+            .keyword_search(&alice, RED, &only_finance, "budget or cat", "english", 10, SearchVectors::Ranking, 2)
+            .await;
         assert_eq!(hits.expect("kw").len(), 1);
 
         // Changes and deletes are reflected at once.
@@ -2062,8 +2074,10 @@ mod tests {
                 for (filter, is_rare) in [(&none, false), (&rare, true)] {
                     let truth = brute(p, &q, 10, is_rare, None);
                     for exact in [false, true] {
-                        let hits =
-                            s.semantic_search(p, RED, filter, &q, MODEL, 10, None, exact, false).await.expect("search");
+                        let hits = s
+                            .semantic_search(p, RED, filter, &q, MODEL, 10, None, exact, SearchVectors::Ranking)
+                            .await
+                            .expect("search");
                         let got: Vec<Uuid> = hits.iter().map(|h| h.memory.id).collect();
                         let want: Vec<Uuid> = truth.iter().map(|t| t.1).collect();
                         assert_eq!(got, want, "{} exact={exact} rare={is_rare} q={qi}", p.agent_id);
@@ -2075,7 +2089,8 @@ mod tests {
                 }
                 // The distance cut-off.
                 let truth = brute(p, &q, 400, false, Some(0.5));
-                let hits = s.semantic_search(p, RED, &none, &q, MODEL, 400, Some(0.5), false, true).await;
+                let hits =
+                    s.semantic_search(p, RED, &none, &q, MODEL, 400, Some(0.5), false, SearchVectors::Embedding).await;
                 let hits = hits.expect("search");
                 assert_eq!(
                     hits.iter().map(|h| h.memory.id).collect::<Vec<_>>(),
@@ -2093,11 +2108,22 @@ mod tests {
         // Another namespace or model sees nothing; a reload gives the same answers.
         let q = centres[0].clone();
         let carol = agent("carol", BLUE);
-        assert!(s.semantic_search(&carol, BLUE, &none, &q, MODEL, 10, None, false, false).await.expect("s").is_empty());
         assert!(
-            s.semantic_search(&alice, RED, &none, &q, "other", 10, None, false, false).await.expect("s").is_empty()
+            s.semantic_search(&carol, BLUE, &none, &q, MODEL, 10, None, false, SearchVectors::Ranking)
+                .await
+                .expect("s")
+                .is_empty()
         );
-        let before = s.semantic_search(&bob, RED, &rare, &q, MODEL, 10, None, false, false).await.expect("search");
+        assert!(
+            s.semantic_search(&alice, RED, &none, &q, "other", 10, None, false, SearchVectors::Ranking)
+                .await
+                .expect("s")
+                .is_empty()
+        );
+        let before = s
+            .semantic_search(&bob, RED, &rare, &q, MODEL, 10, None, false, SearchVectors::Ranking)
+            .await
+            .expect("search");
         s.vectors().clear();
         // Without the copy, candidates come from the table.
         let scope = SearchScope { p: &bob, ns: RED, filter: &rare, model: MODEL, dim, now: now_micros() };
@@ -2106,7 +2132,10 @@ mod tests {
         assert!(s.cached_candidates(&scope, &qn, f32::NEG_INFINITY).await.expect("cached").is_none());
         let from_table = s.exact_candidates(&scope, &qn, f32::NEG_INFINITY).await.expect("exact");
         assert_eq!(from_table.len() as u64, n);
-        let after = s.semantic_search(&bob, RED, &rare, &q, MODEL, 10, None, false, false).await.expect("search");
+        let after = s
+            .semantic_search(&bob, RED, &rare, &q, MODEL, 10, None, false, SearchVectors::Ranking)
+            .await
+            .expect("search");
         assert_eq!(s.vectors().len(MODEL, dim), Some(rows.len()), "lazily reloaded");
         let ids = |h: &[ScoredMemory]| h.iter().map(|h| h.memory.id).collect::<Vec<_>>();
         assert_eq!(ids(&before), ids(&after));
@@ -2133,7 +2162,10 @@ mod tests {
         let top = |p: Principal, exact: bool| {
             let (f, q) = (f.clone(), q.clone());
             async move {
-                let hits = s.semantic_search(&p, RED, &f, &q, MODEL, 5, None, exact, false).await.expect("search");
+                let hits = s
+                    .semantic_search(&p, RED, &f, &q, MODEL, 5, None, exact, SearchVectors::Ranking)
+                    .await
+                    .expect("search");
                 hits.into_iter().map(|h| (h.memory.id, h.score)).collect::<Vec<_>>()
             }
         };
@@ -2179,7 +2211,8 @@ mod tests {
         let pruned: HashSet<Uuid> = made[..10].iter().map(|m| m.id).filter(|id| *id != first).collect();
         assert_eq!(s.prune(&c).await.expect("prune"), (pruned.len() as i64, false));
         assert_eq!(s.vectors().len(MODEL, 8), Some(58 - pruned.len()));
-        let everything = s.semantic_search(&alice, RED, &f, &q, MODEL, 100, None, false, false).await.expect("all");
+        let everything =
+            s.semantic_search(&alice, RED, &f, &q, MODEL, 100, None, false, SearchVectors::Ranking).await.expect("all");
         assert_eq!(everything.len(), 58 - pruned.len());
         assert!(everything.iter().all(|h| !pruned.contains(&h.memory.id)));
     }
@@ -2359,7 +2392,10 @@ mod tests {
             for _ in 0..50 {
                 let q = rng.unit(dim);
                 let t = Instant::now();
-                let hits = s.semantic_search(&alice, RED, &f, &q, MODEL, 10, None, false, false).await.expect("search");
+                let hits = s
+                    .semantic_search(&alice, RED, &f, &q, MODEL, 10, None, false, SearchVectors::Ranking)
+                    .await
+                    .expect("search");
                 times.push(t.elapsed().as_secs_f64() * 1000.0);
                 assert_eq!(hits.len(), 10);
             }
@@ -2379,8 +2415,10 @@ mod tests {
                 let q = rng.unit(dim);
                 let t = Instant::now();
                 let n = s.count_matching(&alice, RED, &rare, MODEL, dim, 10_000).await.expect("count");
-                let hits =
-                    s.semantic_search(&alice, RED, &rare, &q, MODEL, 10, None, true, false).await.expect("search");
+                let hits = s
+                    .semantic_search(&alice, RED, &rare, &q, MODEL, 10, None, true, SearchVectors::Ranking)
+                    .await
+                    .expect("search");
                 times.push(t.elapsed().as_secs_f64() * 1000.0);
                 assert_eq!((n, hits.len()), ((total / 100) as u64, 10));
             }
