@@ -1,4 +1,4 @@
-//! The read cache of GetMemory (PostgreSQL backend).
+//! The memory read cache (PostgreSQL backend): GetMemory, and the results of searches.
 //!
 //! A hot memory is read from PostgreSQL once per `TMWS_MEMORY_CACHE_TTL` instead of on every
 //! call. Entries are the stored memory as the store returns it (without its vector), shared by

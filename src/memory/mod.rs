@@ -89,6 +89,35 @@ pub struct Memory {
 }
 
 impl Memory {
+    /// A stand-in holding only `id`, for a search that ranked ids ([`SearchColumns::Ids`]);
+    /// never answered to a client.
+    pub fn placeholder(id: Uuid) -> Self {
+        let epoch = DateTime::<Utc>::UNIX_EPOCH;
+        Self {
+            id,
+            namespace: String::new(),
+            owner: String::new(),
+            content: String::new(),
+            summary: String::new(),
+            kind: String::new(),
+            tags: Vec::new(),
+            metadata: serde_json::Value::Null,
+            importance: 0.0,
+            access_level: AccessLevel::Private,
+            grants: Vec::new(),
+            parent_id: None,
+            embedding_model: None,
+            embedding_dim: None,
+            embedding: None,
+            create_time: epoch,
+            update_time: epoch,
+            expire_time: None,
+            access_count: 0,
+            last_access_time: None,
+            version: 0,
+        }
+    }
+
     /// The opaque etag of this version (AIP-154).
     pub fn etag(&self) -> String {
         etag_of(self.version)
@@ -199,20 +228,24 @@ pub enum SearchMode {
     Hybrid,
 }
 
-/// Which stored vectors a search statement returns with its rows. A 384-dimension vector is
-/// 1.5 kB per row to read, send and decode, and only MMR re-ranking (`diversity`) and
-/// `with_embedding` use it.
+/// What a search statement returns for each row it ranks. A 384-dimension vector is 1.5 kB per
+/// row to read, send and decode, and only MMR re-ranking (`diversity`) and `with_embedding` use
+/// it; the row itself is not needed when the caller takes memories from its read cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SearchVectors {
-    /// None.
-    Skip,
-    /// In [`ScoredMemory::vector`], for MMR.
+pub enum SearchColumns {
+    /// The id and the score only: each [`ScoredMemory::memory`] is a [`Memory::placeholder`]
+    /// that the caller replaces (from its read cache, else by [`crate::store::MemoryStore::get_memories`]).
+    /// A backend may return the whole row instead.
+    Ids,
+    /// The memory without vectors.
+    Rows,
+    /// The memory, and its vector in [`ScoredMemory::vector`], for MMR.
     Ranking,
-    /// In [`ScoredMemory::vector`] and as the memory's `embedding`.
+    /// The memory with its `embedding`, and the vector in [`ScoredMemory::vector`].
     Embedding,
 }
 
-impl SearchVectors {
+impl SearchColumns {
     /// What a search needs: the memory's embedding when asked for, else vectors only for MMR.
     pub fn needed(with_embedding: bool, diversity: f64) -> Self {
         if with_embedding {
@@ -220,12 +253,13 @@ impl SearchVectors {
         } else if diversity > 0.0 {
             Self::Ranking
         } else {
-            Self::Skip
+            Self::Rows
         }
     }
 
-    pub fn any(self) -> bool {
-        self != Self::Skip
+    /// Whether the statement returns stored vectors.
+    pub fn vectors(self) -> bool {
+        matches!(self, Self::Ranking | Self::Embedding)
     }
 }
 
@@ -235,7 +269,7 @@ pub struct ScoredMemory {
     pub memory: Memory,
     /// Cosine similarity (semantic) or ts_rank_cd (keyword).
     pub score: f64,
-    /// The stored vector, for MMR re-ranking, when the search asked for it ([`SearchVectors`]).
+    /// The stored vector, for MMR re-ranking, when the search asked for it ([`SearchColumns`]).
     pub vector: Option<Vec<f32>>,
 }
 

@@ -2,7 +2,7 @@
 //! the store), search planning and ranking, pagination, deferred read counting and expiry.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::{
     AccessLevel, Cursor, Grant, Memory, MemoryFilter, MemoryPatch, MemoryStats, NewMemory, OrderBy, PruneCriteria,
-    SearchHit, SearchMode, SearchVectors,
+    SearchColumns, SearchHit, SearchMode,
     cache::{MemoryCache, visible_to},
     ranking,
 };
@@ -127,9 +127,40 @@ pub struct MemoryService {
     tokens: PageTokens,
     access: Arc<AccessTracker>,
     plans: Arc<PlanChoices>,
-    /// The GetMemory read cache; `None` when turned off or when the backend announces no
-    /// memory changes (the embedded store).
+    /// The memory read cache (GetMemory, search results); `None` when turned off or when the
+    /// backend announces no memory changes (the embedded store).
     cache: Option<Arc<MemoryCache>>,
+    /// How often recent searches found all their results in the cache.
+    search_hits: Arc<SearchHitRate>,
+}
+
+/// How often recent searches found every result in the read cache (an exponentially weighted
+/// average, 1/[`SEARCH_HIT_RATE_WINDOW`] per search, starting at 1). While it is at least
+/// [`SEARCH_IDS_MIN_HIT_RATE`], searches rank ids and take rows from the cache; below it, a
+/// second statement for the missing rows would be needed too often, so searches read their rows
+/// at once again — and still measure, from the rows they read, whether the cache held them all,
+/// and put them in the cache.
+#[derive(Debug)]
+struct SearchHitRate(Mutex<f64>);
+
+const SEARCH_HIT_RATE_WINDOW: f64 = 16.0;
+const SEARCH_IDS_MIN_HIT_RATE: f64 = 0.5;
+
+impl Default for SearchHitRate {
+    fn default() -> Self {
+        Self(Mutex::new(1.0))
+    }
+}
+
+impl SearchHitRate {
+    fn get(&self) -> f64 {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn record(&self, all_cached: bool) {
+        let mut rate = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *rate += (if all_cached { 1.0 } else { 0.0 } - *rate) / SEARCH_HIT_RATE_WINDOW;
+    }
 }
 
 /// At most this many filtered-search plan choices are remembered (past it, expired ones go,
@@ -205,6 +236,7 @@ impl MemoryService {
             access: Arc::new(AccessTracker::default()),
             plans: Arc::default(),
             cache,
+            search_hits: Arc::default(),
         })
     }
 
@@ -684,7 +716,15 @@ impl MemoryService {
         let k = if r.top_k == 0 { DEFAULT_TOP_K } else { (r.top_k as usize).min(self.cfg.max_top_k) };
         let diversity = r.diversity.unwrap_or(0.0);
         let candidates = if diversity > 0.0 || mode == SearchMode::Hybrid { (k * 4).clamp(40, 400) } else { k };
-        let vectors = SearchVectors::needed(r.with_embedding, diversity);
+        let mut vectors = SearchColumns::needed(r.with_embedding, diversity);
+        // With the read cache on (and holding what searches find), the statements rank ids and
+        // the memories come from the cache, the ones it lacks from one more statement: rows are
+        // read and decoded only for the k results, and not at all for the ones cached.
+        let cache = self.cache.as_deref().filter(|_| vectors == SearchColumns::Rows);
+        let epoch = cache.and_then(MemoryCache::epoch);
+        if cache.is_some() && self.search_hits.get() >= SEARCH_IDS_MIN_HIT_RATE {
+            vectors = SearchColumns::Ids;
+        }
 
         let query_vector = match (&r.query_embedding, mode) {
             (_, SearchMode::Keyword) => None,
@@ -741,9 +781,75 @@ impl MemoryService {
                 fused
             }
         };
-        let hits = ranking::mmr(fused, k, diversity);
+        let mut hits = ranking::mmr(fused, k, diversity);
+        if let Some(cache) = cache {
+            if vectors == SearchColumns::Ids {
+                let all_cached;
+                (hits, all_cached) = self.fill_hits(p, &ns, hits, cache).await?;
+                self.search_hits.record(all_cached);
+            } else {
+                let now = Utc::now();
+                let all_cached =
+                    hits.iter().all(|h| cache.get(h.memory.id).is_some_and(|m| visible_to(p, &ns, &m, now)));
+                self.search_hits.record(all_cached);
+                if let Some(epoch) = epoch {
+                    for h in &hits {
+                        cache.insert(epoch, h.memory.clone());
+                    }
+                }
+            }
+        }
         self.access.record(hits.iter().map(|h| h.memory.id));
         Ok(SearchOutcome { hits, mode, embedding_model: model })
+    }
+
+    /// Replaces the placeholders of a search that ranked ids ([`SearchColumns::Ids`]) by the
+    /// memories: from the read cache where it holds them and the caller may see them, the rest in
+    /// one statement (which applies the access rules again and fills the cache). A hit whose
+    /// memory was deleted or hidden since it was ranked is left out. Also tells whether the cache
+    /// held them all.
+    async fn fill_hits(
+        &self,
+        p: &Principal,
+        ns: &str,
+        mut hits: Vec<SearchHit>,
+        cache: &MemoryCache,
+    ) -> Result<(Vec<SearchHit>, bool)> {
+        let now = Utc::now();
+        let mut missing = Vec::new();
+        for hit in &mut hits {
+            let cached = cache.get(hit.memory.id).filter(|m| visible_to(p, ns, m, now));
+            metrics().memory_cache_lookup(cached.is_some());
+            match cached {
+                Some(m) => hit.memory = Memory::clone(&m),
+                None => missing.push(hit.memory.id),
+            }
+        }
+        if missing.is_empty() {
+            return Ok((hits, true));
+        }
+        let epoch = cache.epoch();
+        let mut found: HashMap<Uuid, Memory> =
+            self.store.get_memories(p, ns, &missing).await?.into_iter().map(|m| (m.id, m)).collect();
+        if let Some(epoch) = epoch {
+            for m in found.values() {
+                cache.insert(epoch, m.clone());
+            }
+        }
+        let missing: HashSet<Uuid> = missing.into_iter().collect();
+        hits.retain_mut(|hit| {
+            if !missing.contains(&hit.memory.id) {
+                return true;
+            }
+            match found.remove(&hit.memory.id) {
+                Some(m) => {
+                    hit.memory = m;
+                    true
+                }
+                None => false,
+            }
+        });
+        Ok((hits, false))
     }
 
     /// A filter matching few rows is answered exactly: the HNSW graph would have to be walked far

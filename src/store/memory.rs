@@ -20,7 +20,7 @@ use crate::{
     error::{Error, Result},
     memory::{
         AccessLevel, Cursor, Grant, Memory, MemoryFilter, MemoryPatch, MemoryStats, NewMemory, OrderBy, Permission,
-        PruneCriteria, ScoredMemory, SearchVectors,
+        PruneCriteria, ScoredMemory, SearchColumns,
     },
 };
 
@@ -267,15 +267,20 @@ fn push_semantic_query<'a>(
     k: usize,
     max_distance: Option<f64>,
     exact: bool,
-    vectors: SearchVectors,
+    vectors: SearchColumns,
 ) {
     // The dimension is a configuration integer, written as a literal so the planner matches the
     // per-dimension partial expression index.
     let expr = format!("(m.embedding::vector({dim}) <=> ");
-    qb.push(EXTRAS_OPEN);
-    qb.push("SELECT ");
-    qb.push(COLUMNS);
-    if vectors.any() {
+    let ids = vectors == SearchColumns::Ids;
+    if ids {
+        qb.push("SELECT m.id");
+    } else {
+        qb.push(EXTRAS_OPEN);
+        qb.push("SELECT ");
+        qb.push(COLUMNS);
+    }
+    if vectors.vectors() {
         qb.push(format!(", m.embedding::vector({dim}) AS vec"));
     }
     qb.push(", ");
@@ -302,8 +307,20 @@ fn push_semantic_query<'a>(
     qb.push(if exact { ") + 0" } else { ")" });
     qb.push(" LIMIT ");
     qb.push_bind(k as i64);
-    // Iterative index scans in relaxed order may return neighbours slightly out of order.
-    close_extras(qb, Some("s.distance, s.id"));
+    // Iterative index scans in relaxed order may return neighbours slightly out of order: the
+    // caller sorts the ids; the outer query restates the order for rows.
+    if !ids {
+        close_extras(qb, Some("s.distance, s.id"));
+    }
+}
+
+/// A search row as the caller asked for it: the memory, or only its id ([`SearchColumns::Ids`]).
+fn ranked_from_row(row: &PgRow, columns: SearchColumns) -> Result<Memory> {
+    if columns == SearchColumns::Ids {
+        Ok(Memory::placeholder(row.try_get("id")?))
+    } else {
+        memory_from_row(row, false)
+    }
 }
 
 impl PgStore {
@@ -321,7 +338,7 @@ impl PgStore {
     ) -> Result<String> {
         let vector = Vector::from(query.to_vec());
         let mut qb = QueryBuilder::<Postgres>::new("EXPLAIN ");
-        push_semantic_query(&mut qb, p, ns, filter, &vector, model, query.len(), k, None, exact, SearchVectors::Skip);
+        push_semantic_query(&mut qb, p, ns, filter, &vector, model, query.len(), k, None, exact, SearchColumns::Rows);
         let mut plan = String::new();
         for row in qb.build().fetch_all(self.pool()).await? {
             let line: String = row.try_get(0)?;
@@ -444,6 +461,18 @@ impl MemoryStore for PgStore {
     async fn get_memory(&self, p: &Principal, ns: &str, id: Uuid, with_embedding: bool) -> Result<Option<Memory>> {
         let mut conn = self.pool().acquire().await?;
         fetch_one_by_id(&mut conn, p, ns, id, with_embedding).await
+    }
+
+    #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "get_memories"))]
+    async fn get_memories(&self, p: &Principal, ns: &str, ids: &[Uuid]) -> Result<Vec<Memory>> {
+        let mut qb = select_memories(false);
+        qb.push("m.id = ANY(");
+        qb.push_bind(ids);
+        qb.push(") AND ");
+        push_visible(&mut qb, p, ns);
+        close_extras(&mut qb, None);
+        let rows = qb.build().fetch_all(self.pool()).await?;
+        rows.iter().map(|r| memory_from_row(r, false)).collect()
     }
 
     #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "update_memory"))]
@@ -672,7 +701,7 @@ impl MemoryStore for PgStore {
         k: usize,
         max_distance: Option<f64>,
         exact: bool,
-        vectors: SearchVectors,
+        vectors: SearchColumns,
     ) -> Result<Vec<ScoredMemory>> {
         let vector = Vector::from(query.to_vec());
         let mut qb = QueryBuilder::<Postgres>::new("");
@@ -680,13 +709,17 @@ impl MemoryStore for PgStore {
         let rows = qb.build().fetch_all(self.pool()).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
-            let mut memory = memory_from_row(row, false)?;
+            let mut memory = ranked_from_row(row, vectors)?;
             let distance: f64 = row.try_get("distance")?;
-            let vec = if vectors.any() { Some(row.try_get::<Vector, _>("vec")?.to_vec()) } else { None };
-            if vectors == SearchVectors::Embedding {
+            let vec = if vectors.vectors() { Some(row.try_get::<Vector, _>("vec")?.to_vec()) } else { None };
+            if vectors == SearchColumns::Embedding {
                 memory.embedding = vec.clone();
             }
             out.push(ScoredMemory { memory, score: 1.0 - distance, vector: vec });
+        }
+        if vectors == SearchColumns::Ids {
+            // No outer query restated the order (see `push_semantic_query`).
+            out.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.memory.id.cmp(&b.memory.id)));
         }
         Ok(out)
     }
@@ -700,13 +733,16 @@ impl MemoryStore for PgStore {
         text: &str,
         text_config: &str,
         k: usize,
-        vectors: SearchVectors,
+        vectors: SearchColumns,
         dim: usize,
     ) -> Result<Vec<ScoredMemory>> {
-        let mut qb = QueryBuilder::<Postgres>::new(EXTRAS_OPEN);
-        qb.push("SELECT ");
-        qb.push(COLUMNS);
-        if vectors.any() {
+        let ids = vectors == SearchColumns::Ids;
+        let mut qb = QueryBuilder::<Postgres>::new(if ids { "SELECT m.id" } else { EXTRAS_OPEN });
+        if !ids {
+            qb.push("SELECT ");
+            qb.push(COLUMNS);
+        }
+        if vectors.vectors() {
             qb.push(format!(", CASE WHEN m.embedding_dim = {dim} THEN m.embedding ELSE NULL END AS vec"));
         }
         qb.push(", ts_rank_cd(m.search_text, q) AS rank FROM memories m, websearch_to_tsquery(");
@@ -720,14 +756,17 @@ impl MemoryStore for PgStore {
         push_filter(&mut qb, filter);
         qb.push(" ORDER BY rank DESC, m.id DESC LIMIT ");
         qb.push_bind(k as i64);
-        close_extras(&mut qb, Some("s.rank DESC, s.id DESC"));
+        if !ids {
+            close_extras(&mut qb, Some("s.rank DESC, s.id DESC"));
+        }
         let rows = qb.build().fetch_all(self.pool()).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
-            let mut memory = memory_from_row(row, false)?;
+            let mut memory = ranked_from_row(row, vectors)?;
             let rank: f32 = row.try_get("rank")?;
-            let vec = if vectors.any() { row.try_get::<Option<Vector>, _>("vec")?.map(|v| v.to_vec()) } else { None };
-            if vectors == SearchVectors::Embedding {
+            let vec =
+                if vectors.vectors() { row.try_get::<Option<Vector>, _>("vec")?.map(|v| v.to_vec()) } else { None };
+            if vectors == SearchColumns::Embedding {
                 memory.embedding = vec.clone();
             }
             out.push(ScoredMemory { memory, score: f64::from(rank), vector: vec });

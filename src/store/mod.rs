@@ -27,7 +27,7 @@ use crate::{
     error::Result,
     memory::{
         Cursor, Grant, Memory, MemoryFilter, MemoryPatch, MemoryStats, NewMemory, OrderBy, PruneCriteria, ScoredMemory,
-        SearchVectors,
+        SearchColumns,
     },
 };
 
@@ -46,6 +46,16 @@ pub trait MemoryStore: Send + Sync + 'static {
     async fn insert_memories(&self, p: &Principal, items: Vec<NewMemory>, ctx: &RequestContext) -> Result<Vec<Memory>>;
 
     async fn get_memory(&self, p: &Principal, ns: &str, id: Uuid, with_embedding: bool) -> Result<Option<Memory>>;
+
+    /// The memories of `ids` that `p` may see (without vectors), in any order; ids that are
+    /// missing or hidden are left out.
+    async fn get_memories(&self, p: &Principal, ns: &str, ids: &[Uuid]) -> Result<Vec<Memory>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.extend(self.get_memory(p, ns, *id, false).await?);
+        }
+        Ok(out)
+    }
 
     /// NOT_FOUND when invisible, PERMISSION_DENIED when visible but not writable, ABORTED on a
     /// version mismatch.
@@ -103,7 +113,7 @@ pub trait MemoryStore: Send + Sync + 'static {
         k: usize,
         max_distance: Option<f64>,
         exact: bool,
-        vectors: SearchVectors,
+        vectors: SearchColumns,
     ) -> Result<Vec<ScoredMemory>>;
 
     /// Full-text matches, best first; score = ts_rank_cd. `dim` selects which stored vectors to
@@ -117,7 +127,7 @@ pub trait MemoryStore: Send + Sync + 'static {
         text: &str,
         text_config: &str,
         k: usize,
-        vectors: SearchVectors,
+        vectors: SearchColumns,
         dim: usize,
     ) -> Result<Vec<ScoredMemory>>;
 

@@ -392,3 +392,159 @@ async fn announcements_can_be_switched_off_for_the_database() {
     assert_eq!(next(&mut listener).await.expect("announced again").channel(), "tmws_identity");
     app.stop().await.expect("stop");
 }
+
+/// SearchMemories (SEMANTIC or HYBRID) as `agent` for `text`: the contents of the hits, best
+/// first.
+async fn search_contents(app: &TestApp, text: &str, mode: pb::SearchMode, agent: (&str, &str, &str)) -> Vec<String> {
+    let (a, ns, role) = agent;
+    let req = pb::SearchMemoriesRequest { query: text.into(), mode: mode as i32, top_k: 10, ..Default::default() };
+    app.memory()
+        .search_memories(as_agent(req, a, ns, role))
+        .await
+        .expect("search")
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|r| r.memory.expect("memory").content)
+        .collect()
+}
+
+/// With the cache on, searches rank ids in SQL and take the memories from the cache: the
+/// database still decides what matches and who may see it, the cache only supplies the rows,
+/// and announced changes reach them as they reach GetMemory.
+#[tokio::test]
+#[ignore = "needs PostgreSQL and Redis"]
+async fn searches_take_ranked_memories_from_the_cache() {
+    let database = fresh_database(&postgres_env()).await;
+    let cached = spawn_secure(&database, CACHED).await;
+    let uncached = spawn_secure(&database, UNCACHED).await;
+    let team = create_as_alice(&cached, "harbour crane schedule", pb::AccessLevel::Team).await;
+    let private = create_as_alice(&cached, "harbour crane budget", pb::AccessLevel::Private).await;
+    const BOB: (&str, &str, &str) = ("bob", "red", "agent");
+    for mode in [pb::SearchMode::Semantic, pb::SearchMode::Hybrid] {
+        let mut got = search_contents(&cached, "harbour crane", mode, ALICE).await;
+        got.sort();
+        assert_eq!(got, ["harbour crane budget", "harbour crane schedule"], "{mode:?}");
+        assert_eq!(search_contents(&cached, "harbour crane", mode, BOB).await, ["harbour crane schedule"]);
+    }
+
+    // Cached now: an unannounced change of the content is not seen by the cached server's
+    // searches, and is by the uncached one's (which read the rows).
+    change_unannounced(&cached, &team, "harbour crane timetable").await;
+    assert_eq!(
+        search_contents(&uncached, "harbour crane", pb::SearchMode::Semantic, BOB).await,
+        ["harbour crane timetable"]
+    );
+    for mode in [pb::SearchMode::Semantic, pb::SearchMode::Hybrid] {
+        assert_eq!(
+            search_contents(&cached, "harbour crane", mode, BOB).await,
+            ["harbour crane schedule"],
+            "{mode:?} served from the cache"
+        );
+    }
+    // Asking for the vectors reads the rows.
+    let full = cached
+        .memory()
+        .search_memories(as_agent(
+            pb::SearchMemoriesRequest {
+                query: "harbour crane".into(),
+                mode: pb::SearchMode::Semantic as i32,
+                view: pb::MemoryView::Full as i32,
+                ..Default::default()
+            },
+            "bob",
+            "red",
+            "agent",
+        ))
+        .await
+        .expect("full view")
+        .into_inner();
+    assert_eq!(full.results.len(), 1);
+    assert_eq!(full.results[0].memory.as_ref().map(|m| m.content.as_str()), Some("harbour crane timetable"));
+
+    // Who may see a memory is the database's answer, whatever the cache holds: the private one,
+    // cached as private, made TEAM behind the cache's back, is found by bob (the row is read
+    // again, since the cached copy would hide it) ...
+    execute_unannounced(
+        &cached.database_url,
+        &[&format!(
+            "UPDATE memories SET access_level = 2, content = 'harbour crane budget, shared' WHERE id = '{private}'"
+        )],
+    )
+    .await;
+    let mut got = search_contents(&cached, "harbour crane", pb::SearchMode::Semantic, BOB).await;
+    got.sort();
+    assert_eq!(got, ["harbour crane budget, shared", "harbour crane schedule"]);
+    // ... and the team one, made PRIVATE behind its back, is not, though its cached copy says TEAM.
+    execute_unannounced(&cached.database_url, &[&format!("UPDATE memories SET access_level = 1 WHERE id = '{team}'")])
+        .await;
+    assert_eq!(
+        search_contents(&cached, "harbour crane", pb::SearchMode::Semantic, BOB).await,
+        ["harbour crane budget, shared"]
+    );
+
+    // An announced change reaches the searches.
+    let mut conn = pg_connect(&cached.database_url).await;
+    sqlx::query("UPDATE memories SET content = 'harbour crane accounts' WHERE id = $1::uuid")
+        .bind(&private)
+        .execute(&mut conn)
+        .await
+        .expect("update");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = search_contents(&cached, "harbour crane", pb::SearchMode::Semantic, BOB).await;
+        if got == ["harbour crane accounts"] {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "an announced change: still {got:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cached.stop().await.expect("stop");
+    uncached.stop().await.expect("stop");
+}
+
+/// Searches whose results the cache mostly lacks read their rows at once again (one statement
+/// instead of two), and go back to the cache once it holds what they find.
+#[tokio::test]
+#[ignore = "needs PostgreSQL and Redis"]
+async fn searches_read_rows_while_the_cache_lacks_their_results() {
+    let database = fresh_database(&postgres_env()).await;
+    let app = spawn_secure(&database, CACHED).await;
+    let words = ["amber", "basalt", "cobalt", "dune", "ember", "fjord", "garnet", "heath", "indigo", "jasper"];
+    let mut ids = Vec::new();
+    for a in &words[..5] {
+        for b in &words[5..] {
+            let content = format!("{a} {b}");
+            ids.push((create_as_alice(&app, &content, pb::AccessLevel::Private).await, content));
+        }
+    }
+    let top1 = |text: String| {
+        let app = &app;
+        async move {
+            let req = pb::SearchMemoriesRequest {
+                query: text,
+                mode: pb::SearchMode::Semantic as i32,
+                top_k: 1,
+                ..Default::default()
+            };
+            let res = app.memory().search_memories(alice(req)).await.expect("search").into_inner();
+            res.results.into_iter().map(|r| r.memory.expect("memory").content).collect::<Vec<_>>()
+        }
+    };
+    // Twenty-five searches, each finding a memory not cached yet: the cache stops being used.
+    for (_, content) in &ids {
+        assert_eq!(top1(content.clone()).await, [content.as_str()]);
+    }
+    let (first, content) = &ids[0];
+    change_unannounced(&app, first, "amber fjord, rewritten").await;
+    assert_eq!(top1(content.clone()).await, ["amber fjord, rewritten"], "the row is read, not the cached copy");
+
+    // Searches that find cached memories bring the cache back into use.
+    for (_, content) in &ids[1..12] {
+        assert_eq!(top1(content.clone()).await, [content.as_str()]);
+    }
+    let (second, content) = &ids[1];
+    change_unannounced(&app, second, "amber garnet, rewritten").await;
+    assert_eq!(top1(content.clone()).await, [content.as_str()], "served from the cache again");
+    app.stop().await.expect("stop");
+}

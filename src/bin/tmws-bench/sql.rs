@@ -11,9 +11,10 @@ use sqlx::{
 };
 use uuid::Uuid;
 
-/// `COLUMNS` of src/store/memory.rs. The service wraps its search statements in an outer query
-/// that adds each returned row's read counts and grants (`EXTRAS_OPEN`); the baselines run the
-/// inner statement alone, so those lookups are counted as work the service adds.
+/// `COLUMNS` of src/store/memory.rs. Without its read cache the service wraps its search
+/// statements in an outer query that adds each returned row's read counts and grants
+/// (`EXTRAS_OPEN`); the baselines run the inner statement alone, so those lookups are counted as
+/// work the service adds.
 const COLUMNS: &str = "m.id, m.namespace, m.owner, m.content, m.summary, m.kind, m.tags, m.metadata, m.importance, \
      m.access_level, m.parent_id, m.embedding_model, m.embedding_dim, m.create_time, m.update_time, m.expire_time, \
      m.version";
@@ -71,7 +72,9 @@ pub fn semantic<'a>(
     qb.push("SELECT ");
     qb.push(COLUMNS);
     // The benchmark's searches ask for no diversity and no embeddings, so the service reads no
-    // stored vectors (`SearchVectors::Skip`); neither does its baseline.
+    // stored vectors; neither does its baseline. With its read cache on, the service's statement
+    // returns only ids and distances (`SearchColumns::Ids`) and the rows come from the cache; the
+    // baseline stays the one statement that answers the search directly, rows included.
     qb.push(", ");
     qb.push(&expr);
     qb.push_bind(query);

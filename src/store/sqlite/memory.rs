@@ -28,7 +28,7 @@ use crate::{
     error::{Error, Result},
     memory::{
         AccessLevel, Cursor, Grant, Memory, MemoryFilter, MemoryPatch, MemoryStats, NewMemory, OrderBy, Permission,
-        PruneCriteria, ScoredMemory, SearchVectors, ranking,
+        PruneCriteria, ScoredMemory, SearchColumns, ranking,
     },
     store::{MemoryStore, identity::AuditEvent},
 };
@@ -1074,7 +1074,7 @@ impl MemoryStore for SqliteStore {
         k: usize,
         max_distance: Option<f64>,
         exact: bool,
-        vectors: SearchVectors,
+        vectors: SearchColumns,
     ) -> Result<Vec<ScoredMemory>> {
         let dim = query.len();
         let mut normalised = query.to_vec();
@@ -1110,10 +1110,10 @@ impl MemoryStore for SqliteStore {
                 if max_distance.is_some_and(|d| 1.0 - score > d) {
                     continue;
                 }
-                if vectors == SearchVectors::Embedding {
+                if vectors == SearchColumns::Embedding {
                     memory.embedding = Some(vector.clone());
                 }
-                found.push((*seq, ScoredMemory { memory, score, vector: vectors.any().then_some(vector) }));
+                found.push((*seq, ScoredMemory { memory, score, vector: vectors.vectors().then_some(vector) }));
                 if found.len() == k {
                     break;
                 }
@@ -1149,7 +1149,7 @@ impl MemoryStore for SqliteStore {
         text: &str,
         text_config: &str,
         k: usize,
-        vectors: SearchVectors,
+        vectors: SearchColumns,
         dim: usize,
     ) -> Result<Vec<ScoredMemory>> {
         let Some(fts) = fts_query(text, text_config) else { return Ok(Vec::new()) };
@@ -1173,7 +1173,7 @@ impl MemoryStore for SqliteStore {
         qb.push(") SELECT ");
         qb.push(COLUMNS);
         qb.push(", hits.rank");
-        if vectors.any() {
+        if vectors.vectors() {
             qb.push(", CASE WHEN m.embedding_dim = ");
             qb.push_bind(dim as i64);
             qb.push(" THEN (SELECT v.embedding FROM memory_vectors v WHERE v.memory = m.seq) END AS vec");
@@ -1186,8 +1186,8 @@ impl MemoryStore for SqliteStore {
         for row in &rows {
             let (seq, mut memory) = memory_from_row(row)?;
             let rank: f64 = row.try_get("rank")?;
-            let vec = if vectors.any() { vector_from_row(row, "vec")? } else { None };
-            if vectors == SearchVectors::Embedding {
+            let vec = if vectors.vectors() { vector_from_row(row, "vec")? } else { None };
+            if vectors == SearchColumns::Embedding {
                 memory.embedding = vec.clone();
             }
             out.push((rank, vec));
@@ -1644,7 +1644,7 @@ mod tests {
         let f = MemoryFilter::default();
         let search = || async {
             let hits = s
-                .semantic_search(&alice, RED, &f, &q, MODEL, 10, None, false, SearchVectors::Ranking)
+                .semantic_search(&alice, RED, &f, &q, MODEL, 10, None, false, SearchColumns::Ranking)
                 .await
                 .expect("search");
             hits.into_iter().map(|h| h.memory.id).collect::<Vec<_>>()
@@ -1910,7 +1910,7 @@ mod tests {
             let f = f.clone();
             async move {
                 let hits = s
-                    .keyword_search(&p, RED, &f, text, "english", 10, SearchVectors::Ranking, 2)
+                    .keyword_search(&p, RED, &f, text, "english", 10, SearchColumns::Ranking, 2)
                     .await
                     .expect("keyword");
                 hits.into_iter().map(|h| (h.memory.content, h.score, h.vector)).collect::<Vec<_>>()
@@ -1939,14 +1939,14 @@ mod tests {
         let hs = kw(alice.clone(), "handshake").await;
         assert_eq!(hs[0].2, Some(vec![1.0, 0.0]));
         let hits = s
-            .keyword_search(&alice, RED, &f, "handshake", "english", 10, SearchVectors::Embedding, 3)
+            .keyword_search(&alice, RED, &f, "handshake", "english", 10, SearchColumns::Embedding, 3)
             .await
             .expect("kw");
         assert!(hits[0].vector.is_none() && hits[0].memory.embedding.is_none());
         // Filters apply inside the query.
         let only_finance = MemoryFilter { tags_any: vec!["finance".into()], ..MemoryFilter::default() };
         let hits = s
-            .keyword_search(&alice, RED, &only_finance, "budget or cat", "english", 10, SearchVectors::Ranking, 2)
+            .keyword_search(&alice, RED, &only_finance, "budget or cat", "english", 10, SearchColumns::Ranking, 2)
             .await;
         assert_eq!(hits.expect("kw").len(), 1);
 
@@ -2075,7 +2075,7 @@ mod tests {
                     let truth = brute(p, &q, 10, is_rare, None);
                     for exact in [false, true] {
                         let hits = s
-                            .semantic_search(p, RED, filter, &q, MODEL, 10, None, exact, SearchVectors::Ranking)
+                            .semantic_search(p, RED, filter, &q, MODEL, 10, None, exact, SearchColumns::Ranking)
                             .await
                             .expect("search");
                         let got: Vec<Uuid> = hits.iter().map(|h| h.memory.id).collect();
@@ -2090,7 +2090,7 @@ mod tests {
                 // The distance cut-off.
                 let truth = brute(p, &q, 400, false, Some(0.5));
                 let hits =
-                    s.semantic_search(p, RED, &none, &q, MODEL, 400, Some(0.5), false, SearchVectors::Embedding).await;
+                    s.semantic_search(p, RED, &none, &q, MODEL, 400, Some(0.5), false, SearchColumns::Embedding).await;
                 let hits = hits.expect("search");
                 assert_eq!(
                     hits.iter().map(|h| h.memory.id).collect::<Vec<_>>(),
@@ -2109,19 +2109,19 @@ mod tests {
         let q = centres[0].clone();
         let carol = agent("carol", BLUE);
         assert!(
-            s.semantic_search(&carol, BLUE, &none, &q, MODEL, 10, None, false, SearchVectors::Ranking)
+            s.semantic_search(&carol, BLUE, &none, &q, MODEL, 10, None, false, SearchColumns::Ranking)
                 .await
                 .expect("s")
                 .is_empty()
         );
         assert!(
-            s.semantic_search(&alice, RED, &none, &q, "other", 10, None, false, SearchVectors::Ranking)
+            s.semantic_search(&alice, RED, &none, &q, "other", 10, None, false, SearchColumns::Ranking)
                 .await
                 .expect("s")
                 .is_empty()
         );
         let before = s
-            .semantic_search(&bob, RED, &rare, &q, MODEL, 10, None, false, SearchVectors::Ranking)
+            .semantic_search(&bob, RED, &rare, &q, MODEL, 10, None, false, SearchColumns::Ranking)
             .await
             .expect("search");
         s.vectors().clear();
@@ -2133,7 +2133,7 @@ mod tests {
         let from_table = s.exact_candidates(&scope, &qn, f32::NEG_INFINITY).await.expect("exact");
         assert_eq!(from_table.len() as u64, n);
         let after = s
-            .semantic_search(&bob, RED, &rare, &q, MODEL, 10, None, false, SearchVectors::Ranking)
+            .semantic_search(&bob, RED, &rare, &q, MODEL, 10, None, false, SearchColumns::Ranking)
             .await
             .expect("search");
         assert_eq!(s.vectors().len(MODEL, dim), Some(rows.len()), "lazily reloaded");
@@ -2163,7 +2163,7 @@ mod tests {
             let (f, q) = (f.clone(), q.clone());
             async move {
                 let hits = s
-                    .semantic_search(&p, RED, &f, &q, MODEL, 5, None, exact, SearchVectors::Ranking)
+                    .semantic_search(&p, RED, &f, &q, MODEL, 5, None, exact, SearchColumns::Ranking)
                     .await
                     .expect("search");
                 hits.into_iter().map(|h| (h.memory.id, h.score)).collect::<Vec<_>>()
@@ -2212,7 +2212,7 @@ mod tests {
         assert_eq!(s.prune(&c).await.expect("prune"), (pruned.len() as i64, false));
         assert_eq!(s.vectors().len(MODEL, 8), Some(58 - pruned.len()));
         let everything =
-            s.semantic_search(&alice, RED, &f, &q, MODEL, 100, None, false, SearchVectors::Ranking).await.expect("all");
+            s.semantic_search(&alice, RED, &f, &q, MODEL, 100, None, false, SearchColumns::Ranking).await.expect("all");
         assert_eq!(everything.len(), 58 - pruned.len());
         assert!(everything.iter().all(|h| !pruned.contains(&h.memory.id)));
     }
@@ -2393,7 +2393,7 @@ mod tests {
                 let q = rng.unit(dim);
                 let t = Instant::now();
                 let hits = s
-                    .semantic_search(&alice, RED, &f, &q, MODEL, 10, None, false, SearchVectors::Ranking)
+                    .semantic_search(&alice, RED, &f, &q, MODEL, 10, None, false, SearchColumns::Ranking)
                     .await
                     .expect("search");
                 times.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -2416,7 +2416,7 @@ mod tests {
                 let t = Instant::now();
                 let n = s.count_matching(&alice, RED, &rare, MODEL, dim, 10_000).await.expect("count");
                 let hits = s
-                    .semantic_search(&alice, RED, &rare, &q, MODEL, 10, None, true, SearchVectors::Ranking)
+                    .semantic_search(&alice, RED, &rare, &q, MODEL, 10, None, true, SearchColumns::Ranking)
                     .await
                     .expect("search");
                 times.push(t.elapsed().as_secs_f64() * 1000.0);
