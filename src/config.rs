@@ -180,7 +180,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "TMWS_MEMORY_CACHE_BYTES",
         default: "33554432",
-        help: "Budget of the GetMemory read cache of each replica (PostgreSQL backend; estimated bytes, oldest entries go first); 0 turns it off",
+        help: "Budget of the memory read cache of each replica, which GetMemory and searches use (PostgreSQL backend; estimated bytes, oldest entries go first); 0 turns it off",
     },
     Setting {
         name: "TMWS_MEMORY_CACHE_TTL",
@@ -447,7 +447,7 @@ pub struct MemoryConfig {
     pub hnsw_ef_search: u32,
     pub exact_search_threshold: u64,
     pub exact_search_estimate_ttl: Duration,
-    /// Budget of the GetMemory read cache; 0 = off.
+    /// Budget of the memory read cache (GetMemory, search results); 0 = off.
     pub cache_bytes: usize,
     /// Lifetime of a cached memory; zero = off.
     pub cache_ttl: Duration,

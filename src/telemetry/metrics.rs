@@ -70,7 +70,7 @@ pub struct Metrics {
     in_flight: AtomicI64,
     rate_limited: Mutex<BTreeMap<String, u64>>,
     redis_errors: AtomicU64,
-    /// GetMemory read-cache lookups: [hits, misses].
+    /// Memory read-cache lookups (GetMemory and search results): [hits, misses].
     memory_cache: [AtomicU64; 2],
     pool: Mutex<(u64, u64, u64)>,
     memories: Mutex<BTreeMap<String, i64>>,
@@ -136,7 +136,7 @@ impl Metrics {
             redis_errors: meter.u64_counter("tmws.redis.errors").with_description("failed Redis calls").build(),
             memory_cache: meter
                 .u64_counter("tmws.memory_cache.lookups")
-                .with_description("GetMemory read-cache lookups, by result (hit, miss)")
+                .with_description("Memory read-cache lookups (GetMemory and search results), by result (hit, miss)")
                 .build(),
             claim_wait: meter
                 .f64_histogram("tmws.task.claim_wait")
@@ -216,7 +216,7 @@ impl Metrics {
         }
     }
 
-    /// A GetMemory read-cache lookup (only where the cache is on).
+    /// A memory read-cache lookup (GetMemory, a search result) (only where the cache is on).
     pub fn memory_cache_lookup(&self, hit: bool) {
         self.memory_cache[usize::from(!hit)].fetch_add(1, Ordering::Relaxed);
         if let Some(o) = self.otel.get() {
@@ -299,7 +299,7 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP tmws_memory_cache_lookups_total GetMemory read-cache lookups, by result.\n\
+            "# HELP tmws_memory_cache_lookups_total Memory read-cache lookups (GetMemory and search results), by result.\n\
              # TYPE tmws_memory_cache_lookups_total counter\n\
              tmws_memory_cache_lookups_total{{result=\"hit\"}} {}\ntmws_memory_cache_lookups_total{{result=\"miss\"}} {}",
             self.memory_cache[0].load(Ordering::Relaxed),

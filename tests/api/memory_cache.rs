@@ -1,4 +1,4 @@
-//! The GetMemory read cache (PostgreSQL): it serves repeated reads, every caller still sees
+//! The memory read cache (PostgreSQL), as GetMemory uses it: it serves repeated reads, every caller still sees
 //! exactly what the database would show them, and changes made anywhere — another replica, this
 //! one, plain SQL — are seen at once, also after the listening connection was lost.
 //!
