@@ -148,6 +148,12 @@ impl MemoryCache {
         (e.stored.elapsed() < self.ttl).then(|| e.memory.clone())
     }
 
+    /// The entry for `id` if there is a fresh one that `p`, addressing `target_ns`, may see at
+    /// `now` ([`visible_to`]).
+    pub fn get_visible(&self, p: &Principal, target_ns: &str, id: Uuid, now: DateTime<Utc>) -> Option<Arc<Memory>> {
+        self.get(id).filter(|m| visible_to(p, target_ns, m, now))
+    }
+
     /// Stores `memory` as read under `epoch`, unless anything was dropped since then.
     pub fn insert(&self, epoch: u64, memory: Memory) {
         let cost = cost_of(&memory);

@@ -2,7 +2,7 @@
 //! the store), search planning and ranking, pagination, deferred read counting and expiry.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -14,9 +14,7 @@ use uuid::Uuid;
 
 use super::{
     AccessLevel, Cursor, Grant, Memory, MemoryFilter, MemoryPatch, MemoryStats, NewMemory, OrderBy, PruneCriteria,
-    SearchColumns, SearchHit, SearchMode,
-    cache::{MemoryCache, visible_to},
-    ranking,
+    SearchColumns, SearchHit, SearchMode, cache::MemoryCache, ranking,
 };
 use crate::{
     auth::{Principal, RequestContext},
@@ -483,7 +481,7 @@ impl MemoryService {
         // Vectors are not cached (FULL view reads the row).
         let cache = self.cache.as_deref().filter(|_| !with_embedding);
         if let Some(cache) = cache {
-            let hit = cache.get(id).filter(|m| visible_to(p, &ns, m, Utc::now()));
+            let hit = cache.get_visible(p, &ns, id, Utc::now());
             metrics().memory_cache_lookup(hit.is_some());
             if let Some(hit) = hit {
                 self.access.record([id]);
@@ -716,14 +714,14 @@ impl MemoryService {
         let k = if r.top_k == 0 { DEFAULT_TOP_K } else { (r.top_k as usize).min(self.cfg.max_top_k) };
         let diversity = r.diversity.unwrap_or(0.0);
         let candidates = if diversity > 0.0 || mode == SearchMode::Hybrid { (k * 4).clamp(40, 400) } else { k };
-        let mut vectors = SearchColumns::needed(r.with_embedding, diversity);
+        let mut columns = SearchColumns::needed(r.with_embedding, diversity);
         // With the read cache on (and holding what searches find), the statements rank ids and
         // the memories come from the cache, the ones it lacks from one more statement: rows are
         // read and decoded only for the k results, and not at all for the ones cached.
-        let cache = self.cache.as_deref().filter(|_| vectors == SearchColumns::Rows);
+        let cache = self.cache.as_deref().filter(|_| columns == SearchColumns::Rows);
         let epoch = cache.and_then(MemoryCache::epoch);
         if cache.is_some() && self.search_hits.get() >= SEARCH_IDS_MIN_HIT_RATE {
-            vectors = SearchColumns::Ids;
+            columns = SearchColumns::Ids;
         }
 
         let query_vector = match (&r.query_embedding, mode) {
@@ -744,7 +742,7 @@ impl MemoryService {
                 (SearchMode::Semantic, Some(s)) => Some(1.0 - s),
                 _ => None,
             };
-            self.store.semantic_search(p, &ns, &r.filter, q, &model, candidates, max_distance, exact, vectors).await
+            self.store.semantic_search(p, &ns, &r.filter, q, &model, candidates, max_distance, exact, columns).await
         };
         let keyword = async {
             if mode == SearchMode::Semantic {
@@ -759,7 +757,7 @@ impl MemoryService {
                     &r.query,
                     &self.cfg.text_search_config,
                     candidates,
-                    vectors,
+                    columns,
                     self.embedder.dimension(),
                 )
                 .await?;
@@ -783,14 +781,13 @@ impl MemoryService {
         };
         let mut hits = ranking::mmr(fused, k, diversity);
         if let Some(cache) = cache {
-            if vectors == SearchColumns::Ids {
+            if columns == SearchColumns::Ids {
                 let all_cached;
                 (hits, all_cached) = self.fill_hits(p, &ns, hits, cache).await?;
                 self.search_hits.record(all_cached);
             } else {
                 let now = Utc::now();
-                let all_cached =
-                    hits.iter().all(|h| cache.get(h.memory.id).is_some_and(|m| visible_to(p, &ns, &m, now)));
+                let all_cached = hits.iter().all(|h| cache.get_visible(p, &ns, h.memory.id, now).is_some());
                 self.search_hits.record(all_cached);
                 if let Some(epoch) = epoch {
                     for h in &hits {
@@ -817,10 +814,12 @@ impl MemoryService {
     ) -> Result<(Vec<SearchHit>, bool)> {
         let now = Utc::now();
         let mut missing = Vec::new();
+        let mut cached = Vec::with_capacity(hits.len());
         for hit in &mut hits {
-            let cached = cache.get(hit.memory.id).filter(|m| visible_to(p, ns, m, now));
-            metrics().memory_cache_lookup(cached.is_some());
-            match cached {
+            let entry = cache.get_visible(p, ns, hit.memory.id, now);
+            metrics().memory_cache_lookup(entry.is_some());
+            cached.push(entry.is_some());
+            match entry {
                 Some(m) => hit.memory = Memory::clone(&m),
                 None => missing.push(hit.memory.id),
             }
@@ -836,9 +835,9 @@ impl MemoryService {
                 cache.insert(epoch, m.clone());
             }
         }
-        let missing: HashSet<Uuid> = missing.into_iter().collect();
+        let mut cached = cached.into_iter();
         hits.retain_mut(|hit| {
-            if !missing.contains(&hit.memory.id) {
+            if cached.next().unwrap_or(false) {
                 return true;
             }
             match found.remove(&hit.memory.id) {

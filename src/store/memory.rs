@@ -267,12 +267,12 @@ fn push_semantic_query<'a>(
     k: usize,
     max_distance: Option<f64>,
     exact: bool,
-    vectors: SearchColumns,
+    columns: SearchColumns,
 ) {
     // The dimension is a configuration integer, written as a literal so the planner matches the
     // per-dimension partial expression index.
     let expr = format!("(m.embedding::vector({dim}) <=> ");
-    let ids = vectors == SearchColumns::Ids;
+    let ids = columns == SearchColumns::Ids;
     if ids {
         qb.push("SELECT m.id");
     } else {
@@ -280,7 +280,7 @@ fn push_semantic_query<'a>(
         qb.push("SELECT ");
         qb.push(COLUMNS);
     }
-    if vectors.vectors() {
+    if columns.vectors() {
         qb.push(format!(", m.embedding::vector({dim}) AS vec"));
     }
     qb.push(", ");
@@ -701,23 +701,23 @@ impl MemoryStore for PgStore {
         k: usize,
         max_distance: Option<f64>,
         exact: bool,
-        vectors: SearchColumns,
+        columns: SearchColumns,
     ) -> Result<Vec<ScoredMemory>> {
         let vector = Vector::from(query.to_vec());
         let mut qb = QueryBuilder::<Postgres>::new("");
-        push_semantic_query(&mut qb, p, ns, filter, &vector, model, query.len(), k, max_distance, exact, vectors);
+        push_semantic_query(&mut qb, p, ns, filter, &vector, model, query.len(), k, max_distance, exact, columns);
         let rows = qb.build().fetch_all(self.pool()).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
-            let mut memory = ranked_from_row(row, vectors)?;
+            let mut memory = ranked_from_row(row, columns)?;
             let distance: f64 = row.try_get("distance")?;
-            let vec = if vectors.vectors() { Some(row.try_get::<Vector, _>("vec")?.to_vec()) } else { None };
-            if vectors == SearchColumns::Embedding {
+            let vec = if columns.vectors() { Some(row.try_get::<Vector, _>("vec")?.to_vec()) } else { None };
+            if columns == SearchColumns::Embedding {
                 memory.embedding = vec.clone();
             }
             out.push(ScoredMemory { memory, score: 1.0 - distance, vector: vec });
         }
-        if vectors == SearchColumns::Ids {
+        if columns == SearchColumns::Ids {
             // No outer query restated the order (see `push_semantic_query`).
             out.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.memory.id.cmp(&b.memory.id)));
         }
@@ -733,16 +733,16 @@ impl MemoryStore for PgStore {
         text: &str,
         text_config: &str,
         k: usize,
-        vectors: SearchColumns,
+        columns: SearchColumns,
         dim: usize,
     ) -> Result<Vec<ScoredMemory>> {
-        let ids = vectors == SearchColumns::Ids;
+        let ids = columns == SearchColumns::Ids;
         let mut qb = QueryBuilder::<Postgres>::new(if ids { "SELECT m.id" } else { EXTRAS_OPEN });
         if !ids {
             qb.push("SELECT ");
             qb.push(COLUMNS);
         }
-        if vectors.vectors() {
+        if columns.vectors() {
             qb.push(format!(", CASE WHEN m.embedding_dim = {dim} THEN m.embedding ELSE NULL END AS vec"));
         }
         qb.push(", ts_rank_cd(m.search_text, q) AS rank FROM memories m, websearch_to_tsquery(");
@@ -762,11 +762,11 @@ impl MemoryStore for PgStore {
         let rows = qb.build().fetch_all(self.pool()).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
-            let mut memory = ranked_from_row(row, vectors)?;
+            let mut memory = ranked_from_row(row, columns)?;
             let rank: f32 = row.try_get("rank")?;
             let vec =
-                if vectors.vectors() { row.try_get::<Option<Vector>, _>("vec")?.map(|v| v.to_vec()) } else { None };
-            if vectors == SearchColumns::Embedding {
+                if columns.vectors() { row.try_get::<Option<Vector>, _>("vec")?.map(|v| v.to_vec()) } else { None };
+            if columns == SearchColumns::Embedding {
                 memory.embedding = vec.clone();
             }
             out.push(ScoredMemory { memory, score: f64::from(rank), vector: vec });

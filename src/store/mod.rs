@@ -113,7 +113,7 @@ pub trait MemoryStore: Send + Sync + 'static {
         k: usize,
         max_distance: Option<f64>,
         exact: bool,
-        vectors: SearchColumns,
+        columns: SearchColumns,
     ) -> Result<Vec<ScoredMemory>>;
 
     /// Full-text matches, best first; score = ts_rank_cd. `dim` selects which stored vectors to
@@ -127,7 +127,7 @@ pub trait MemoryStore: Send + Sync + 'static {
         text: &str,
         text_config: &str,
         k: usize,
-        vectors: SearchColumns,
+        columns: SearchColumns,
         dim: usize,
     ) -> Result<Vec<ScoredMemory>>;
 
