@@ -43,6 +43,8 @@ pub struct PgStore {
     pool: PgPool,
     /// Queues whose tasks recently included a run's (see `claim_tasks`).
     pub(crate) run_queues: Arc<super::workflow::RunQueues>,
+    /// Leased tasks of runs (see `complete_task`).
+    pub(crate) run_tasks: Arc<super::workflow::RunTasks>,
 }
 
 impl PgStore {
@@ -65,7 +67,7 @@ impl PgStore {
             .idle_timeout(Some(Duration::from_secs(300)))
             .test_before_acquire(false)
             .connect_lazy_with(options);
-        let store = Self { pool, run_queues: Arc::default() };
+        let store = Self { pool, run_queues: Arc::default(), run_tasks: Arc::default() };
         let started = Instant::now();
         let mut delay = Duration::from_millis(100);
         loop {

@@ -10,10 +10,12 @@
 //!   the run finished once it gets the run row and cancels the task itself.
 //!
 //! Every state change of a run's task appends to `run_events` (sequence allocated under the run
-//! lock) and notifies `tmws_run`; newly queued worker tasks notify `tmws_queue`.
+//! lock) and notifies `tmws_run`; newly queued worker tasks notify `tmws_queue`. A transaction
+//! keeps the events it appends and writes them in one statement before it commits ([`RunTx`]).
 
 use std::{
     collections::{HashMap, HashSet},
+    ops::{Deref, DerefMut},
     sync::LazyLock,
     time::{Duration, Instant},
 };
@@ -174,28 +176,54 @@ fn workflow_from_row(row: &PgRow) -> Result<Workflow> {
     })
 }
 
+/// The `runs` columns [`run_from_row`] reads.
+const RUN_COLUMNS: [&str; 16] = [
+    "id",
+    "namespace",
+    "workflow_id",
+    "workflow_name",
+    "workflow_version",
+    "input",
+    "status",
+    "output",
+    "error",
+    "create_time",
+    "start_time",
+    "end_time",
+    "deadline",
+    "request_id",
+    "last_sequence",
+    "trace_parent",
+];
+
 fn run_from_row(row: &PgRow) -> Result<Run> {
-    let status: i16 = row.try_get("status")?;
-    let input: Json<Value> = row.try_get("input")?;
-    let output: Option<Json<Value>> = row.try_get("output")?;
+    run_from_columns(row, "")
+}
+
+/// A run from the [`RUN_COLUMNS`] of `row`, each named with `prefix` before it.
+fn run_from_columns(row: &PgRow, prefix: &str) -> Result<Run> {
+    let col = |name: &str| format!("{prefix}{name}");
+    let status: i16 = row.try_get(col("status").as_str())?;
+    let input: Json<Value> = row.try_get(col("input").as_str())?;
+    let output: Option<Json<Value>> = row.try_get(col("output").as_str())?;
     Ok(Run {
-        id: row.try_get("id")?,
-        namespace: row.try_get("namespace")?,
-        workflow_id: row.try_get("workflow_id")?,
-        workflow_name: row.try_get("workflow_name")?,
-        workflow_version: row.try_get("workflow_version")?,
+        id: row.try_get(col("id").as_str())?,
+        namespace: row.try_get(col("namespace").as_str())?,
+        workflow_id: row.try_get(col("workflow_id").as_str())?,
+        workflow_name: row.try_get(col("workflow_name").as_str())?,
+        workflow_version: row.try_get(col("workflow_version").as_str())?,
         input: input.0,
         status: RunStatus::from_i16(status).ok_or_else(|| enum_err("run status", status))?,
         tasks: Vec::new(),
         output: output.map(|o| o.0),
-        error: row.try_get("error")?,
-        create_time: row.try_get("create_time")?,
-        start_time: row.try_get("start_time")?,
-        end_time: row.try_get("end_time")?,
-        deadline: row.try_get("deadline")?,
-        request_id: row.try_get("request_id")?,
-        last_sequence: row.try_get("last_sequence")?,
-        trace_parent: row.try_get("trace_parent")?,
+        error: row.try_get(col("error").as_str())?,
+        create_time: row.try_get(col("create_time").as_str())?,
+        start_time: row.try_get(col("start_time").as_str())?,
+        end_time: row.try_get(col("end_time").as_str())?,
+        deadline: row.try_get(col("deadline").as_str())?,
+        request_id: row.try_get(col("request_id").as_str())?,
+        last_sequence: row.try_get(col("last_sequence").as_str())?,
+        trace_parent: row.try_get(col("trace_parent").as_str())?,
     })
 }
 
@@ -279,19 +307,38 @@ async fn load_attempts(conn: &mut PgConnection, tasks: &mut [Task]) -> Result<()
     Ok(())
 }
 
-async fn lock_task(conn: &mut PgConnection, ns: &str, id: Uuid) -> Result<Option<TaskRow>> {
-    let row =
-        sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks t WHERE t.id = $1 AND t.namespace = $2 FOR UPDATE"))
-            .bind(id)
-            .bind(ns)
-            .fetch_optional(&mut *conn)
-            .await?;
-    row.as_ref().map(task_from_row).transpose()
-}
-
 async fn lock_run(conn: &mut PgConnection, id: Uuid) -> Result<Run> {
     let row = sqlx::query("SELECT * FROM runs WHERE id = $1 FOR UPDATE").bind(id).fetch_one(&mut *conn).await?;
     run_from_row(&row)
+}
+
+/// Locks a task (`FOR UPDATE`), then its run when it has one, in one statement: the task row is
+/// locked first (the subquery `t` is the outer side of the lateral join), then its run's, the
+/// order every transition takes (module docs).
+async fn lock_task_and_run(conn: &mut PgConnection, ns: &str, id: Uuid) -> Result<Option<(TaskRow, Option<Run>)>> {
+    static LOCK: LazyLock<String> = LazyLock::new(|| {
+        let run_columns: Vec<String> = RUN_COLUMNS.iter().map(|c| format!("r.{c} AS r_{c}")).collect();
+        format!(
+            "SELECT {TASK_COLUMNS}, {run_columns} \
+             FROM (SELECT * FROM tasks WHERE id = $1 AND namespace = $2 FOR UPDATE) t \
+             LEFT JOIN LATERAL (SELECT * FROM runs WHERE runs.id = t.run_id FOR UPDATE) r ON true",
+            run_columns = run_columns.join(", ")
+        )
+    });
+    let Some(row) = sqlx::query(LOCK.as_str()).bind(id).bind(ns).fetch_optional(&mut *conn).await? else {
+        return Ok(None);
+    };
+    let task = task_from_row(&row)?;
+    let run = match task.task.run_id {
+        Some(run_id) => {
+            if row.try_get::<Option<Uuid>, _>("r_id")?.is_none() {
+                return Err(Error::internal(format!("the run {run_id} of task {id} is missing")));
+            }
+            Some(run_from_columns(&row, "r_")?)
+        }
+        None => None,
+    };
+    Ok(Some((task, run)))
 }
 
 async fn fetch_task(conn: &mut PgConnection, id: Uuid) -> Result<Task> {
@@ -304,60 +351,99 @@ async fn fetch_task(conn: &mut PgConnection, id: Uuid) -> Result<Task> {
     task.pop().ok_or_else(|| Error::internal("task vanished"))
 }
 
-/// Appends an event to a run's log (the caller holds the run row) and notifies watchers, in one
-/// statement: the sequence is allocated on the run row, the event written and `tmws_run`
-/// notified (delivered at commit).
-async fn append_event(conn: &mut PgConnection, run_id: Uuid, payload: &EventPayload) -> Result<()> {
-    let appended = sqlx::query(
-        "WITH s AS (UPDATE runs SET last_sequence = last_sequence + 1 WHERE id = $1 RETURNING last_sequence), \
-         e AS (INSERT INTO run_events (run_id, sequence, payload) SELECT $1, s.last_sequence, $2 FROM s RETURNING sequence) \
-         SELECT e.sequence, pg_notify($3, $4) FROM e",
-    )
-    .bind(run_id)
-    .bind(Json(payload))
-    .bind(NOTIFY_RUN)
-    .bind(run_id.to_string())
-    .execute(&mut *conn)
-    .await?;
-    if appended.rows_affected() != 1 {
-        return Err(Error::internal(format!("run {run_id} vanished while appending to its log")));
+/// A transaction that may change runs. The events it appends to run logs are kept and written
+/// together, in one statement ([`RunTx::flush`]), when it commits (and before anything in it
+/// reads a run's `last_sequence`): a transition pays one round trip for its events however many
+/// it appends. Dropping it rolls back, events included.
+struct RunTx {
+    tx: sqlx::Transaction<'static, Postgres>,
+    /// (run, payload) in the order appended.
+    events: Vec<(Uuid, Value)>,
+}
+
+impl Deref for RunTx {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        &self.tx
     }
-    Ok(())
 }
 
-/// Appends the task's current state to its run's event log (when it has a run) and returns the
-/// task, attempts included, so callers need not read it again.
-async fn task_event(conn: &mut PgConnection, task_id: Uuid) -> Result<Task> {
-    let task = fetch_task(conn, task_id).await?;
-    append_task_event(conn, &task).await?;
-    Ok(task)
-}
-
-/// [`task_event`] for a task the caller holds as it is now stored (attempts included).
-async fn append_task_event(conn: &mut PgConnection, task: &Task) -> Result<()> {
-    if let Some(run_id) = task.run_id {
-        let mut snapshot = task.clone();
-        snapshot.attempts.clear();
-        append_event(conn, run_id, &EventPayload::Task(Box::new(snapshot))).await?;
+impl DerefMut for RunTx {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.tx
     }
-    Ok(())
 }
 
-/// Starts attempt `row.task.attempt` of a run's task just leased to `worker` (the caller holds
-/// the task and its run) and appends the task to the run's log. `conflict` ends the INSERT (what
-/// an attempt row already there for that number gets). Returns the task as stored afterwards,
-/// attempts included: the lease changed the row `row` was returned from, and this statement
-/// only adds the attempt.
-async fn start_run_attempt(conn: &mut PgConnection, row: &TaskRow, worker: &str, conflict: &str) -> Result<Task> {
-    let sql = format!(
-        "WITH t AS (SELECT $1::uuid AS id), \
-         started AS ({START_ATTEMPT} VALUES ($1, $2, $3, 3) {conflict} {ATTEMPT_RETURNING}) \
-         SELECT {attempts} FROM t",
-        attempts = attempts_after("t", "started"),
-    );
-    let stored = sqlx::query(&sql).bind(row.task.id).bind(row.task.attempt).bind(worker).fetch_one(&mut *conn).await?;
-    let task = Task { attempts: attempts_column(&stored)?, ..row.task.clone() };
-    append_task_event(conn, &task).await?;
+impl RunTx {
+    async fn begin(store: &PgStore) -> Result<Self> {
+        Ok(Self { tx: store.pool().begin().await?, events: Vec::new() })
+    }
+
+    /// Appends an event to the log of `run_id`; the caller holds the run row (or created it).
+    fn append(&mut self, run_id: Uuid, payload: &EventPayload) -> Result<()> {
+        let payload = serde_json::to_value(payload).map_err(|e| Error::internal(format!("run event: {e}")))?;
+        self.events.push((run_id, payload));
+        Ok(())
+    }
+
+    /// Appends the task's current state (without its attempts) to its run's log, when it has a
+    /// run.
+    fn append_task(&mut self, task: &Task) -> Result<()> {
+        match task.run_id {
+            Some(run_id) => {
+                let mut snapshot = task.clone();
+                snapshot.attempts.clear();
+                self.append(run_id, &EventPayload::Task(Box::new(snapshot)))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the appended events in one statement: each run's sequence numbers are allocated
+    /// on its row (`last_sequence`, in the order appended), the events inserted, and `tmws_run`
+    /// notified once per run (delivered at commit). Every run is held by this transaction, so
+    /// nothing else allocates its numbers meanwhile.
+    async fn flush(&mut self) -> Result<()> {
+        if self.events.is_empty() {
+            return Ok(());
+        }
+        let (runs, payloads): (Vec<Uuid>, Vec<Value>) = std::mem::take(&mut self.events).into_iter().unzip();
+        let distinct = runs.iter().collect::<HashSet<_>>().len() as i64;
+        let row = sqlx::query(
+            "WITH ev AS (SELECT e.run_id, e.payload, e.ord FROM unnest($1::uuid[], $2::jsonb[]) WITH ORDINALITY \
+               AS e(run_id, payload, ord)), \
+             n AS (SELECT run_id, count(*) AS n FROM ev GROUP BY run_id), \
+             s AS (UPDATE runs r SET last_sequence = r.last_sequence + n.n FROM n WHERE r.id = n.run_id \
+               RETURNING r.id, r.last_sequence - n.n AS base), \
+             w AS (INSERT INTO run_events (run_id, sequence, payload) \
+               SELECT ev.run_id, s.base + row_number() OVER (PARTITION BY ev.run_id ORDER BY ev.ord), ev.payload \
+               FROM ev JOIN s ON s.id = ev.run_id RETURNING 1), \
+             notified AS (SELECT pg_notify($3, s.id::text) FROM s) \
+             SELECT (SELECT count(*) FROM w) AS written, (SELECT count(*) FROM notified) AS runs",
+        )
+        .bind(&runs)
+        .bind(&payloads)
+        .bind(NOTIFY_RUN)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        let (written, found): (i64, i64) = (row.try_get("written")?, row.try_get("runs")?);
+        if written != runs.len() as i64 || found != distinct {
+            return Err(Error::internal("a run vanished while appending to its log"));
+        }
+        Ok(())
+    }
+
+    async fn commit(mut self) -> Result<()> {
+        self.flush().await?;
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Reads the task (attempts included) and appends it to its run's log.
+async fn task_event(tx: &mut RunTx, task_id: Uuid) -> Result<Task> {
+    let task = fetch_task(tx, task_id).await?;
+    tx.append_task(&task)?;
     Ok(task)
 }
 
@@ -379,7 +465,7 @@ async fn notify_queue(conn: &mut PgConnection, ns: &str, queue: &str) -> Result<
 /// Makes a ready task claimable: QUEUED, available now (or after its DELAY), in one statement
 /// that also wakes its workers (a worker step) or the engines (a server-side step due now).
 /// Appends the task to its run's log and returns it as stored.
-async fn queue_task(conn: &mut PgConnection, row: &TaskRow, input: &Value) -> Result<TaskRow> {
+async fn queue_task(tx: &mut RunTx, row: &TaskRow, input: &Value) -> Result<TaskRow> {
     static QUEUE: LazyLock<String> = LazyLock::new(|| {
         format!(
             "WITH t AS (UPDATE tasks t SET status = 2, input = $2, \
@@ -403,25 +489,25 @@ async fn queue_task(conn: &mut PgConnection, row: &TaskRow, input: &Value) -> Re
         .bind(wait_ms as f64)
         .bind(NOTIFY_QUEUE)
         .bind(wake)
-        .fetch_one(&mut *conn)
+        .fetch_one(&mut **tx)
         .await?;
     let queued = task_from_row(&stored)?;
-    append_task_event(conn, &queued.task).await?;
+    tx.append_task(&queued.task)?;
     Ok(queued)
 }
 
 /// Skips a BLOCKED task whose condition can no longer be met (the caller holds its run, or the
 /// task for a standalone one); appends it to its run's log and returns it as stored.
-async fn skip_task(conn: &mut PgConnection, id: Uuid, reason: &str) -> Result<TaskRow> {
+async fn skip_task(tx: &mut RunTx, id: Uuid, reason: &str) -> Result<TaskRow> {
     static SKIP: LazyLock<String> = LazyLock::new(|| {
         format!(
             "UPDATE tasks t SET status = 7, error = $2, update_time = clock_timestamp() WHERE t.id = $1 \
              RETURNING {TASK_COLUMNS}"
         )
     });
-    let stored = sqlx::query(SKIP.as_str()).bind(id).bind(reason).fetch_one(&mut *conn).await?;
+    let stored = sqlx::query(SKIP.as_str()).bind(id).bind(reason).fetch_one(&mut **tx).await?;
     let skipped = task_from_row(&stored)?;
-    append_task_event(conn, &skipped.task).await?;
+    tx.append_task(&skipped.task)?;
     Ok(skipped)
 }
 
@@ -429,10 +515,10 @@ async fn skip_task(conn: &mut PgConnection, id: Uuid, reason: &str) -> Result<Ta
 /// the children whose parents are all terminal, repeatedly, then ends the run when every task is
 /// terminal. The run's tasks are read once; each change is applied to that copy from the
 /// statement's RETURNING (nothing else changes a BLOCKED task of a locked run).
-async fn advance_run(conn: &mut PgConnection, run: &Run) -> Result<()> {
+async fn advance_run(tx: &mut RunTx, run: &Run) -> Result<()> {
     let rows = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks t WHERE t.run_id = $1 ORDER BY t.id"))
         .bind(run.id)
-        .fetch_all(&mut *conn)
+        .fetch_all(&mut **tx)
         .await?;
     let mut tasks: Vec<TaskRow> = rows.iter().map(task_from_row).collect::<Result<_>>()?;
     loop {
@@ -446,8 +532,8 @@ async fn advance_run(conn: &mut PgConnection, run: &Run) -> Result<()> {
         }
         for (i, input) in decided {
             tasks[i] = match input {
-                Some(input) => queue_task(conn, &tasks[i], &input).await?,
-                None => skip_task(conn, tasks[i].task.id, "condition not met").await?,
+                Some(input) => queue_task(tx, &tasks[i], &input).await?,
+                None => skip_task(tx, tasks[i].task.id, "condition not met").await?,
             };
         }
     }
@@ -458,16 +544,16 @@ async fn advance_run(conn: &mut PgConnection, run: &Run) -> Result<()> {
             .bind(outcome.as_i16())
             .bind(Json(output))
             .bind(error)
-            .execute(&mut *conn)
+            .execute(&mut **tx)
             .await?;
-        append_event(conn, run.id, &EventPayload::RunStatus(outcome)).await?;
+        tx.append(run.id, &EventPayload::RunStatus(outcome))?;
         metrics().run_finished(&format!("{outcome:?}").to_ascii_uppercase());
     }
     Ok(())
 }
 
 /// Unblocks or skips standalone tasks waiting on `parent` (now terminal).
-async fn advance_dependents(conn: &mut PgConnection, parent: Uuid) -> Result<()> {
+async fn advance_dependents(tx: &mut RunTx, parent: Uuid) -> Result<()> {
     let mut frontier = vec![parent];
     while let Some(p) = frontier.pop() {
         let rows = sqlx::query(&format!(
@@ -475,13 +561,13 @@ async fn advance_dependents(conn: &mut PgConnection, parent: Uuid) -> Result<()>
              ORDER BY t.id FOR UPDATE"
         ))
         .bind(p)
-        .fetch_all(&mut *conn)
+        .fetch_all(&mut **tx)
         .await?;
         for row in &rows {
             let child = task_from_row(row)?;
             let parents = sqlx::query("SELECT id, status, output FROM tasks WHERE id = ANY($1)")
                 .bind(&child.task.depends_on)
-                .fetch_all(&mut *conn)
+                .fetch_all(&mut **tx)
                 .await?;
             let mut statuses = Vec::new();
             let mut outputs = serde_json::Map::new();
@@ -499,10 +585,10 @@ async fn advance_dependents(conn: &mut PgConnection, parent: Uuid) -> Result<()>
                     if let Value::Object(map) = &mut input {
                         map.insert("parents".into(), Value::Object(outputs));
                     }
-                    queue_task(conn, &child, &input).await?;
+                    queue_task(tx, &child, &input).await?;
                 }
                 Some(false) => {
-                    skip_task(conn, child.task.id, "a dependency did not succeed").await?;
+                    skip_task(tx, child.task.id, "a dependency did not succeed").await?;
                     frontier.push(child.task.id);
                 }
             }
@@ -538,7 +624,7 @@ fn end_attempt_sql(attempt_set: &str, task_set: &str, audit: usize) -> String {
 /// change. Returns the task as stored afterwards, attempts included (nothing later in the
 /// transaction changes it: advancing touches only BLOCKED tasks and the run).
 async fn finish_attempt(
-    conn: &mut PgConnection,
+    tx: &mut RunTx,
     row: &TaskRow,
     run: Option<&Run>,
     outcome: Result<Value, (String, bool)>,
@@ -570,46 +656,46 @@ async fn finish_attempt(
             .bind(row.retry.backoff_ms(row.task.attempt + 1) as f64),
         Err((error, _)) => sqlx::query(FAIL.as_str()).bind(id).bind(row.task.attempt).bind(error),
     };
-    let stored = bind_audit(query, audit).fetch_one(&mut *conn).await?;
+    let stored = bind_audit(query, audit).fetch_one(&mut **tx).await?;
     let mut task = task_from_row(&stored)?.task;
     task.attempts = attempts_column(&stored)?;
     if retry && row.task.kind == StepKind::Task {
-        notify_queue(conn, &row.task.namespace, &row.task.queue).await?;
+        notify_queue(tx, &row.task.namespace, &row.task.queue).await?;
     }
-    append_task_event(conn, &task).await?;
+    tx.append_task(&task)?;
     if retry {
         return Ok(task);
     }
     match run {
-        Some(run) => advance_run(conn, run).await?,
+        Some(run) => advance_run(tx, run).await?,
         // The statement read `has_dependents` after this transaction locked the task, so it saw
         // every dependent there can be: CreateTask locks its dependencies FOR SHARE, so one
         // adding a dependent either committed before that lock was granted or waits for this
         // transaction (and then finds the task finished); nothing else makes a standalone task
         // BLOCKED (an import holds finished standalone tasks only). When there is none,
         // `advance_dependents` would find nothing.
-        None if stored.try_get::<bool, _>("has_dependents")? => advance_dependents(conn, id).await?,
+        None if stored.try_get::<bool, _>("has_dependents")? => advance_dependents(tx, id).await?,
         None => {}
     }
     Ok(task)
 }
 
 /// Cancels a locked, unfinished task whose run has ended (the caller holds both rows).
-async fn cancel_straggler(conn: &mut PgConnection, row: &TaskRow) -> Result<()> {
+async fn cancel_straggler(tx: &mut RunTx, row: &TaskRow) -> Result<()> {
     if row.task.status == TaskStatus::Leased {
         sqlx::query(
             "UPDATE task_attempts SET status = 6, end_time = clock_timestamp() WHERE task_id = $1 AND attempt = $2",
         )
         .bind(row.task.id)
         .bind(row.task.attempt)
-        .execute(&mut *conn)
+        .execute(&mut **tx)
         .await?;
     }
     sqlx::query("UPDATE tasks SET status = 6, update_time = clock_timestamp() WHERE id = $1")
         .bind(row.task.id)
-        .execute(&mut *conn)
+        .execute(&mut **tx)
         .await?;
-    task_event(conn, row.task.id).await.map(|_| ())
+    task_event(tx, row.task.id).await.map(|_| ())
 }
 
 /// Locks the run of a task (after the task row) when it has one.
@@ -622,23 +708,23 @@ async fn lock_run_of(conn: &mut PgConnection, row: &TaskRow) -> Result<Option<Ru
 
 /// Ends a run early (cancel or timeout): the run row is locked first, then its unfinished tasks
 /// are cancelled with SKIP LOCKED (see the module docs).
-async fn end_run(conn: &mut PgConnection, run: &Run, status: RunStatus, reason: &str) -> Result<()> {
+async fn end_run(tx: &mut RunTx, run: &Run, status: RunStatus, reason: &str) -> Result<()> {
     sqlx::query("UPDATE runs SET status = $2, error = $3, end_time = clock_timestamp() WHERE id = $1")
         .bind(run.id)
         .bind(status.as_i16())
         .bind(reason)
-        .execute(&mut *conn)
+        .execute(&mut **tx)
         .await?;
     let rows = sqlx::query(&format!(
         "SELECT {TASK_COLUMNS} FROM tasks t WHERE t.run_id = $1 AND t.status IN (1, 2, 3) ORDER BY t.id FOR UPDATE SKIP LOCKED"
     ))
     .bind(run.id)
-    .fetch_all(&mut *conn)
+    .fetch_all(&mut **tx)
     .await?;
     for row in &rows {
-        cancel_straggler(conn, &task_from_row(row)?).await?;
+        cancel_straggler(tx, &task_from_row(row)?).await?;
     }
-    append_event(conn, run.id, &EventPayload::RunStatus(status)).await?;
+    tx.append(run.id, &EventPayload::RunStatus(status))?;
     metrics().run_finished(match status {
         RunStatus::TimedOut => "TIMED_OUT",
         RunStatus::Cancelled => "CANCELLED",
@@ -918,7 +1004,7 @@ impl WorkflowStore for PgStore {
         trace_parent: Option<&str>,
         audit: Option<&AuditEvent>,
     ) -> Result<Run> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = RunTx::begin(self).await?;
         let run_id = Uuid::now_v7();
         let inserted: Option<Uuid> = sqlx::query_scalar(
             "INSERT INTO runs (id, namespace, workflow_id, workflow_name, workflow_version, input, status, created_by, request_id, \
@@ -945,7 +1031,7 @@ impl WorkflowStore for PgStore {
                 .bind(request_id)
                 .fetch_one(&mut *tx)
                 .await?;
-            tx.rollback().await?;
+            drop(tx);
             let mut conn = self.pool().acquire().await?;
             return get_run_in(&mut conn, &wf.namespace, existing)
                 .await?
@@ -997,12 +1083,12 @@ impl WorkflowStore for PgStore {
             }
         }
         // Event log: the run starts, then each root task is queued (in step order).
-        append_event(&mut tx, run_id, &EventPayload::RunStatus(RunStatus::Running)).await?;
+        tx.append(run_id, &EventPayload::RunStatus(RunStatus::Running))?;
         let mut queues = HashSet::new();
         let mut engine_work = false;
         for s in steps.iter().filter(|s| s.depends_on.is_empty()) {
             let task = roots.get(&ids[s.id.as_str()]).ok_or_else(|| Error::internal("a root task was not written"))?;
-            append_task_event(&mut tx, task).await?;
+            tx.append_task(task)?;
             if s.kind == StepKind::Task {
                 queues.insert(s.queue.clone());
             } else {
@@ -1015,6 +1101,7 @@ impl WorkflowStore for PgStore {
         for q in queues {
             notify_queue(&mut tx, &wf.namespace, &q).await?;
         }
+        tx.flush().await?;
         let run = get_run_in(&mut tx, &wf.namespace, run_id).await?.ok_or_else(|| Error::internal("run vanished"))?;
         record_call(&mut tx, audit, &[run_id]).await?;
         tx.commit().await?;
@@ -1056,7 +1143,7 @@ impl WorkflowStore for PgStore {
 
     #[tracing::instrument(level = "debug", name = "db", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "cancel_run"))]
     async fn cancel_run(&self, ns: &str, id: Uuid, reason: &str, audit: Option<&AuditEvent>) -> Result<Run> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = RunTx::begin(self).await?;
         let row = sqlx::query("SELECT * FROM runs WHERE id = $1 AND namespace = $2 FOR UPDATE")
             .bind(id)
             .bind(ns)
@@ -1069,6 +1156,7 @@ impl WorkflowStore for PgStore {
         }
         let reason = if reason.is_empty() { "cancelled" } else { reason };
         end_run(&mut tx, &run, RunStatus::Cancelled, reason).await?;
+        tx.flush().await?;
         let run = get_run_in(&mut tx, ns, id).await?.ok_or_else(|| Error::internal("run vanished"))?;
         record_call(&mut tx, audit, &[id]).await?;
         tx.commit().await?;
@@ -1251,13 +1339,12 @@ impl WorkflowStore for PgStore {
         lease_ms: i64,
         audit: Option<&AuditEvent>,
     ) -> Result<Vec<LeasedTask>> {
-        // One statement leases the picked tasks and starts the attempts of the standalone ones,
-        // returning each leased task as stored afterwards (`attempts` is meaningful for those
-        // only). A run's task also needs its run locked after it, so its attempt is started
-        // below, once the run is known not to have ended. When every task is standalone and at
-        // most LISTED_RESOURCES were leased, the statement also writes the call's audit row,
-        // naming the ids as `call_event` would (in the order of the answer: by id); otherwise
-        // `listed` is empty and the row is written below.
+        // One statement leases the picked tasks, then locks the runs of those in runs (by id:
+        // after the tasks, as every transition does), starts the attempts of the tasks whose run
+        // is live (and of the standalone ones) and writes the call's audit row naming them, as
+        // `call_event` would, in the order of the answer (standalone first, then by run and id).
+        // It returns every leased task as stored afterwards with its run's status: a run that
+        // ended meanwhile gets its task cancelled below instead of leased.
         static CLAIM: LazyLock<String> = LazyLock::new(|| {
             format!(
                 "WITH picked AS (SELECT id FROM tasks WHERE namespace = $1 AND queue = $2 AND status = 2 AND kind = 1 \
@@ -1268,12 +1355,14 @@ impl WorkflowStore for PgStore {
                      ELSE clock_timestamp() + make_interval(secs => t.attempt_timeout_ms::float8 / 1000) END, \
                    update_time = clock_timestamp() \
                    FROM picked WHERE t.id = picked.id RETURNING {TASK_COLUMNS}), \
-                 started AS ({START_ATTEMPT} SELECT t.id, t.attempt, $4, 3 FROM t WHERE t.run_id IS NULL \
+                 {locked_runs}, \
+                 started AS ({START_ATTEMPT} SELECT live.id, live.attempt, $4, 3 FROM live \
                    {START_ATTEMPT_CONFLICT} {ATTEMPT_RETURNING}), \
-                 listed AS (SELECT string_agg(t.id::text, ',' ORDER BY t.id) AS resource_id FROM t \
-                   HAVING count(*) BETWEEN 1 AND {LISTED_RESOURCES} AND bool_and(t.run_id IS NULL)), \
+                 listed AS ({listed}), \
                  audited AS ({audit_insert}) \
-                 SELECT t.*, {attempts} FROM t",
+                 SELECT t.*, r.status AS run_status, {attempts} FROM t LEFT JOIN r ON r.id = t.run_id",
+                locked_runs = LOCKED_RUNS,
+                listed = listed_sql("live", "run_id NULLS FIRST, id"),
                 audit_insert = audit_insert_sql(6, Some("listed")),
                 attempts = attempts_after("t", "started"),
             )
@@ -1286,7 +1375,7 @@ impl WorkflowStore for PgStore {
                 None => self.run_queues.mark(&key),
             }
         }
-        let mut tx = self.pool().begin().await?;
+        let mut tx = RunTx::begin(self).await?;
         let query = sqlx::query(CLAIM.as_str()).bind(ns).bind(queue).bind(max as i64).bind(worker).bind(lease_ms);
         let rows = bind_audit(query, event.as_ref()).fetch_all(&mut *tx).await?;
         record_claim_wait(queue, &rows);
@@ -1295,36 +1384,20 @@ impl WorkflowStore for PgStore {
         if claimed.iter().any(|(t, _)| t.task.run_id.is_some()) {
             self.run_queues.mark(&key);
         }
-        // Whether the statement wrote the audit row (its `listed` had a row).
-        let audited =
-            (1..=LISTED_RESOURCES).contains(&claimed.len()) && claimed.iter().all(|(t, _)| t.task.run_id.is_none());
-        // Run tasks: take their runs in a fixed order; a run that ended meanwhile gets its task
-        // cancelled instead of leased.
         claimed.sort_by_key(|(t, _)| (t.task.run_id, t.task.id));
         let mut leased = Vec::with_capacity(claimed.len());
-        let mut locked_runs: HashMap<Uuid, Run> = HashMap::new();
         for (row, stored) in claimed {
-            let task = match row.task.run_id {
-                None => Task { attempts: attempts_column(stored)?, ..row.task },
-                Some(run_id) => {
-                    if let std::collections::hash_map::Entry::Vacant(slot) = locked_runs.entry(run_id) {
-                        slot.insert(lock_run(&mut tx, run_id).await?);
-                    }
-                    if locked_runs.get(&run_id).is_some_and(|r| r.status.is_terminal()) {
-                        cancel_straggler(&mut tx, &row).await?;
-                        continue;
-                    }
-                    start_run_attempt(&mut tx, &row, worker, START_ATTEMPT_CONFLICT).await?
-                }
-            };
+            if row.task.run_id.is_some() && !run_is_live(stored)? {
+                cancel_straggler(&mut tx, &row).await?;
+                continue;
+            }
+            let task = Task { attempts: attempts_column(stored)?, ..row.task };
+            tx.append_task(&task)?;
             let token = row.lease_token.ok_or_else(|| Error::internal("claimed task has no lease token"))?;
             leased.push(LeasedTask { task, lease_token: token });
         }
-        if !leased.is_empty() && !audited {
-            let ids: Vec<Uuid> = leased.iter().map(|l| l.task.id).collect();
-            record_call(&mut tx, audit, &ids).await?;
-        }
         tx.commit().await?;
+        self.run_tasks.remember(leased.iter().filter(|l| l.task.run_id.is_some()).map(|l| l.task.id));
         Ok(leased)
     }
 
@@ -1338,15 +1411,16 @@ impl WorkflowStore for PgStore {
         progress: Option<&Value>,
         audit: Option<&AuditEvent>,
     ) -> Result<Task> {
-        let mut tx = self.pool().begin().await?;
-        let row = lock_task(&mut tx, ns, id).await?.ok_or_else(|| Error::not_found("task", id.to_string()))?;
+        let mut tx = RunTx::begin(self).await?;
+        let (row, run) =
+            lock_task_and_run(&mut tx, ns, id).await?.ok_or_else(|| Error::not_found("task", id.to_string()))?;
         if row.task.status == TaskStatus::Cancelled && row.lease_token == Some(token) {
             return Err(aborted(id));
         }
         if row.task.status != TaskStatus::Leased || row.lease_token != Some(token) || lease_expired(&row) {
             return Err(stale(id));
         }
-        if let Some(run) = lock_run_of(&mut tx, &row).await?
+        if let Some(run) = run
             && run.status.is_terminal()
         {
             cancel_straggler(&mut tx, &row).await?;
@@ -1396,7 +1470,7 @@ impl WorkflowStore for PgStore {
     }
 
     async fn expire_leases(&self, limit: usize) -> Result<usize> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = RunTx::begin(self).await?;
         let rows = sqlx::query(&format!(
             "SELECT {TASK_COLUMNS} FROM tasks t WHERE t.status = 3 AND (t.lease_expire_time < clock_timestamp() \
              OR t.attempt_deadline < clock_timestamp()) ORDER BY t.lease_expire_time LIMIT $1 FOR UPDATE SKIP LOCKED"
@@ -1425,7 +1499,7 @@ impl WorkflowStore for PgStore {
     }
 
     async fn time_out_runs(&self, limit: usize) -> Result<usize> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = RunTx::begin(self).await?;
         let rows = sqlx::query(
             "SELECT * FROM runs WHERE status IN (1, 2) AND deadline < clock_timestamp() ORDER BY deadline LIMIT $1 \
              FOR UPDATE SKIP LOCKED",
@@ -1443,40 +1517,84 @@ impl WorkflowStore for PgStore {
     }
 
     async fn lease_server_steps(&self, limit: usize, lease_ms: i64) -> Result<Vec<ServerStep>> {
-        let mut tx = self.pool().begin().await?;
-        let rows = sqlx::query(&format!(
-            "WITH picked AS (SELECT id FROM tasks WHERE status = 2 AND kind <> 1 AND available_time <= clock_timestamp() \
-               ORDER BY available_time, id LIMIT $1 FOR UPDATE SKIP LOCKED) \
-             UPDATE tasks t SET status = 3, attempt = t.attempt + 1, worker_id = $2, lease_token = gen_random_uuid(), \
-               lease_duration_ms = $3, lease_expire_time = clock_timestamp() + make_interval(secs => $3::float8 / 1000), \
-               update_time = clock_timestamp() FROM picked WHERE t.id = picked.id RETURNING {TASK_COLUMNS}"
-        ))
-        .bind(limit as i64)
-        .bind(ENGINE_WORKER)
-        .bind(lease_ms)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut rows: Vec<TaskRow> = rows.iter().map(task_from_row).collect::<Result<_>>()?;
-        rows.sort_by_key(|t| (t.task.run_id, t.task.id));
+        // Leases the due steps, locks their runs and starts the attempts of those whose run is
+        // live, in one statement (as ClaimTasks does); a run that ended meanwhile gets its step
+        // cancelled below.
+        static LEASE: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "WITH picked AS (SELECT id FROM tasks WHERE status = 2 AND kind <> 1 AND available_time <= clock_timestamp() \
+                   ORDER BY available_time, id LIMIT $1 FOR UPDATE SKIP LOCKED), \
+                 t AS (UPDATE tasks t SET status = 3, attempt = t.attempt + 1, worker_id = $2, lease_token = gen_random_uuid(), \
+                   lease_duration_ms = $3, lease_expire_time = clock_timestamp() + make_interval(secs => $3::float8 / 1000), \
+                   update_time = clock_timestamp() FROM picked WHERE t.id = picked.id RETURNING {TASK_COLUMNS}), \
+                 {LOCKED_RUNS}, \
+                 started AS ({START_ATTEMPT} SELECT live.id, live.attempt, $2, 3 FROM live \
+                   ON CONFLICT (task_id, attempt) DO NOTHING {ATTEMPT_RETURNING}) \
+                 SELECT t.*, r.status AS run_status, r.trace_parent AS run_trace_parent, {attempts} \
+                 FROM t LEFT JOIN r ON r.id = t.run_id",
+                attempts = attempts_after("t", "started"),
+            )
+        });
+        let mut tx = RunTx::begin(self).await?;
+        let rows = sqlx::query(LEASE.as_str())
+            .bind(limit as i64)
+            .bind(ENGINE_WORKER)
+            .bind(lease_ms)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut leased: Vec<(TaskRow, &PgRow)> =
+            rows.iter().map(|r| task_from_row(r).map(|t| (t, r))).collect::<Result<_>>()?;
+        leased.sort_by_key(|(t, _)| (t.task.run_id, t.task.id));
         let mut out = Vec::new();
-        for row in rows {
-            let run = lock_run_of(&mut tx, &row).await?;
-            if run.as_ref().is_some_and(|r| r.status.is_terminal()) {
+        for (row, stored) in leased {
+            if row.task.run_id.is_some() && !run_is_live(stored)? {
                 cancel_straggler(&mut tx, &row).await?;
                 continue;
             }
-            let task =
-                start_run_attempt(&mut tx, &row, ENGINE_WORKER, "ON CONFLICT (task_id, attempt) DO NOTHING").await?;
+            let task = Task { attempts: attempts_column(stored)?, ..row.task };
+            tx.append_task(&task)?;
             let token = row.lease_token.ok_or_else(|| Error::internal("leased step has no token"))?;
             out.push(ServerStep {
                 leased: LeasedTask { task, lease_token: token },
-                config: row.config.clone(),
-                created_by: row.created_by.clone(),
-                trace_parent: run.and_then(|r| r.trace_parent),
+                config: row.config,
+                created_by: row.created_by,
+                trace_parent: stored.try_get("run_trace_parent")?,
             });
         }
         tx.commit().await?;
+        self.run_tasks.remember(out.iter().filter(|s| s.leased.task.run_id.is_some()).map(|s| s.leased.task.id));
         Ok(out)
+    }
+}
+
+/// The `resource_id` of a workflow call's audit row, as [`call_event`] would name it, over the
+/// ids of relation `rel` in `order` (the answer's): the first `LISTED_RESOURCES`, then how many
+/// more. No row when `rel` is empty.
+fn listed_sql(rel: &str, order: &str) -> String {
+    format!(
+        "SELECT concat_ws(',', \
+           (SELECT string_agg(f.id::text, ',' ORDER BY {order}) FROM (SELECT * FROM {rel} ORDER BY {order} LIMIT {LISTED_RESOURCES}) f), \
+           CASE WHEN count(*) > {LISTED_RESOURCES} THEN '... ' || (count(*) - {LISTED_RESOURCES}) || ' more' END) \
+         AS resource_id FROM {rel} HAVING count(*) > 0"
+    )
+}
+
+/// CTEs `r` and `live` of a statement that leased tasks in its data-modifying CTE `t`: `r` locks
+/// the runs of the leased run tasks (`id`, `status`, `trace_parent`), by id (after the tasks, the order every transition takes;
+/// a run locked after waiting is read as committed), and `live` lists the leased tasks (`id`,
+/// `attempt`, `run_id`) that are standalone or whose run is live.
+const LOCKED_RUNS: &str = "r AS (SELECT runs.id, runs.status, runs.trace_parent FROM runs WHERE runs.id IN (SELECT t.run_id FROM t) \
+       ORDER BY runs.id FOR UPDATE), \
+     live AS (SELECT t.id, t.attempt, t.run_id FROM t LEFT JOIN r ON r.id = t.run_id \
+       WHERE t.run_id IS NULL OR r.status IN (1, 2))";
+
+/// Whether the run of a task leased by a statement with [`LOCKED_RUNS`] (its `run_status`
+/// column) is live.
+fn run_is_live(row: &PgRow) -> Result<bool> {
+    let status: Option<i16> = row.try_get("run_status")?;
+    match status {
+        None => Err(Error::internal("a leased task's run is missing")),
+        Some(s) => Ok(!RunStatus::from_i16(s).ok_or_else(|| enum_err("run status", s))?.is_terminal()),
     }
 }
 
@@ -1541,6 +1659,33 @@ impl RunQueues {
     }
 }
 
+/// At most this many leased tasks of runs are remembered (past it, all are forgotten).
+const RUN_TASKS_REMEMBERED: usize = 10_000;
+
+/// Tasks of workflow runs this replica leased and has not yet seen finished. CompleteTask first
+/// tries [`complete_fast`], which completes standalone tasks only; for a task remembered here it
+/// goes straight to the transactional path instead. Only a hint: either path is correct for any
+/// task (a task leased through another replica just pays the refused attempt).
+#[derive(Debug, Default)]
+pub(crate) struct RunTasks(std::sync::Mutex<HashSet<Uuid>>);
+
+impl RunTasks {
+    fn remember(&self, ids: impl IntoIterator<Item = Uuid>) {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            if seen.len() >= RUN_TASKS_REMEMBERED {
+                seen.clear();
+            }
+            seen.insert(id);
+        }
+    }
+
+    /// Whether `id` was remembered; forgets it.
+    fn take(&self, id: Uuid) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&id)
+    }
+}
+
 /// Records how long each claimed task waited in its queue.
 fn record_claim_wait(queue: &str, rows: &[PgRow]) {
     let now = Utc::now();
@@ -1579,12 +1724,10 @@ async fn claim_fast(
                update_time = clock_timestamp() \
                FROM picked, pick WHERE t.id = picked.id AND pick.in_runs = 0 RETURNING {TASK_COLUMNS}), \
              started AS ({START_ATTEMPT} SELECT t.id, t.attempt, $4, 3 FROM t {START_ATTEMPT_CONFLICT} {ATTEMPT_RETURNING}), \
-             listed AS (SELECT concat_ws(',', \
-                 (SELECT string_agg(f.id::text, ',' ORDER BY f.id) FROM (SELECT id FROM t ORDER BY id LIMIT {LISTED_RESOURCES}) f), \
-                 CASE WHEN count(*) > {LISTED_RESOURCES} THEN '... ' || (count(*) - {LISTED_RESOURCES}) || ' more' END) \
-                 AS resource_id FROM t HAVING count(*) > 0), \
+             listed AS ({listed}), \
              audited AS ({audit_insert}) \
              SELECT pick.in_runs, t.*, {attempts} FROM pick LEFT JOIN t ON true",
+            listed = listed_sql("t", "id"),
             audit_insert = audit_insert_sql(6, Some("listed")),
             attempts = attempts_after("t", "started"),
         )
@@ -1669,12 +1812,14 @@ async fn worker_outcome(
 ) -> Result<Task> {
     let event = call_event(audit, &[id]);
     if let Ok(output) = &outcome
+        && !store.run_tasks.take(id)
         && let Some(task) = complete_fast(store, ns, id, token, output, event.as_ref()).await?
     {
         return Ok(task);
     }
-    let mut tx = store.pool().begin().await?;
-    let row = lock_task(&mut tx, ns, id).await?.ok_or_else(|| Error::not_found("task", id.to_string()))?;
+    let mut tx = RunTx::begin(store).await?;
+    let (row, run) =
+        lock_task_and_run(&mut tx, ns, id).await?.ok_or_else(|| Error::not_found("task", id.to_string()))?;
     let same_token = row.lease_token == Some(token);
     match row.task.status {
         TaskStatus::Cancelled if same_token => return Err(aborted(id)),
@@ -1691,7 +1836,6 @@ async fn worker_outcome(
         TaskStatus::Leased if same_token && !lease_expired(&row) => {}
         _ => return Err(stale(id)),
     }
-    let run = lock_run_of(&mut tx, &row).await?;
     if run.as_ref().is_some_and(|r| r.status.is_terminal()) {
         cancel_straggler(&mut tx, &row).await?;
         tx.commit().await?;

@@ -863,6 +863,10 @@ impl WorkflowService {
             let mut last_sweep: Option<tokio::time::Instant> = None;
             let mut sweep_busy = false;
             loop {
+                // Wake-ups already delivered are answered by this round, which reads the queue
+                // after them: drop them, or each would cost an empty round once the engine waits
+                // again (a run of server-side steps leaves one per step behind).
+                while let Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) = notes.try_recv() {}
                 let sweep = sweep_busy || last_sweep.is_none_or(|t| t.elapsed() >= this.cfg.engine_tick);
                 if sweep {
                     last_sweep = Some(tokio::time::Instant::now());

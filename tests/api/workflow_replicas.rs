@@ -289,3 +289,83 @@ async fn a_blocked_task_written_without_the_mark_is_still_unblocked() {
     assert_eq!(input["parents"][parent.id.as_str()]["v"], 1.0);
     app.stop().await.expect("stop");
 }
+
+/// A claim that picks a run's task while the run is ending (here: cancelled in SQL by a
+/// transaction holding the run row) waits for the run, then cancels the task instead of leasing
+/// it: no task is handed out, no attempt is started, no claim is audited, and the run's event
+/// log stays gapless.
+#[tokio::test]
+#[ignore = "needs PostgreSQL and Redis"]
+async fn a_claim_that_meets_an_ending_run_cancels_the_task_instead() {
+    let env = postgres_env();
+    let db = fresh_database(&env).await;
+    let app = spawn_secure(&db, &FAST).await;
+    let mut c = app.workflow();
+    c.create_workflow(workflow("ending", vec![task("a", &[])])).await.expect("create");
+    let run = start(&mut c, "ending", serde_json::json!({})).await;
+    let run_id: uuid::Uuid = run.id.parse().expect("uuid");
+
+    // Another transaction holds the run row and ends the run.
+    let mut ender = <sqlx::PgConnection as sqlx::Connection>::connect(&db).await.expect("connect");
+    sqlx::query("BEGIN").execute(&mut ender).await.expect("begin");
+    sqlx::query("UPDATE runs SET status = 5, error = 'ended elsewhere', end_time = now() WHERE id = $1")
+        .bind(run_id)
+        .execute(&mut ender)
+        .await
+        .expect("end the run");
+    let ender_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut ender).await.expect("pid");
+
+    // The claim picks the task, then waits for the run row.
+    let mut worker = app.workflow();
+    let claiming = tokio::spawn(async move { claim(&mut worker, "work", "w", 5, 0).await });
+    let mut watcher = <sqlx::PgConnection as sqlx::Connection>::connect(&db).await.expect("connect");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let blocked: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))")
+                .bind(ender_pid)
+                .fetch_one(&mut watcher)
+                .await
+                .expect("blocked claims");
+        if blocked > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the claim never waited for the run row");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sqlx::query("COMMIT").execute(&mut ender).await.expect("commit");
+
+    let leased = claiming.await.expect("claim task");
+    assert!(leased.is_empty(), "a task of an ended run is not handed out: {leased:?}");
+    let (status, attempts): (i16, i64) = sqlx::query_as(
+        "SELECT t.status, (SELECT count(*) FROM task_attempts a WHERE a.task_id = t.id) FROM tasks t WHERE t.run_id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(&mut watcher)
+    .await
+    .expect("the task");
+    assert_eq!((status, attempts), (pb::TaskStatus::Cancelled as i16, 0), "cancelled, no attempt started");
+    let claims: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_events WHERE method = 'tmws.v1.WorkflowService/ClaimTasks'")
+            .fetch_one(&mut watcher)
+            .await
+            .expect("audit rows");
+    assert_eq!(claims, 0, "nothing was leased, so no claim is audited");
+    let (events, max_seq, last): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), max(e.sequence), (SELECT last_sequence FROM runs WHERE id = $1) FROM run_events e WHERE e.run_id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(&mut watcher)
+    .await
+    .expect("the run's log");
+    assert_eq!((events, max_seq), (last, last), "the log is gapless and ends at the run's last sequence");
+    let task: serde_json::Value = sqlx::query_scalar(
+        "SELECT payload->'task' FROM run_events WHERE run_id = $1 AND sequence = (SELECT last_sequence FROM runs WHERE id = $1)",
+    )
+    .bind(run_id)
+    .fetch_one(&mut watcher)
+    .await
+    .expect("the last event");
+    assert_eq!(task.get("status").and_then(|s| s.as_str()), Some("Cancelled"), "{task}");
+    app.stop().await.expect("stop");
+}
