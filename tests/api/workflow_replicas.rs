@@ -369,3 +369,57 @@ async fn a_claim_that_meets_an_ending_run_cancels_the_task_instead() {
     assert_eq!(task.get("status").and_then(|s| s.as_str()), Some("Cancelled"), "{task}");
     app.stop().await.expect("stop");
 }
+
+/// One call that changes several runs writes each run's events with its own gapless sequence:
+/// a claim leasing the tasks of two runs at once, then their completions.
+#[tokio::test]
+#[ignore = "needs PostgreSQL and Redis"]
+async fn one_call_changing_two_runs_keeps_each_log_gapless() {
+    let env = postgres_env();
+    let db = fresh_database(&env).await;
+    let app = spawn_secure(&db, &FAST).await;
+    let mut c = app.workflow();
+    c.create_workflow(workflow("pair", vec![task("a", &[])])).await.expect("create");
+    let runs = [
+        start(&mut c, "pair", serde_json::json!({"n": 1})).await,
+        start(&mut c, "pair", serde_json::json!({"n": 2})).await,
+    ];
+    let leased = claim(&mut c, "work", "w", 2, 1000).await;
+    let mut leased_runs: Vec<String> =
+        leased.iter().filter_map(|l| l.task.as_ref().map(|t| t.run_id.clone())).collect();
+    leased_runs.sort();
+    let mut started: Vec<String> = runs.iter().map(|r| r.id.clone()).collect();
+    started.sort();
+    assert_eq!(leased_runs, started, "one claim leased the task of each run");
+
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db).await.expect("connect");
+    async fn logs(conn: &mut sqlx::PgConnection) -> Vec<(uuid::Uuid, Vec<i64>, i64)> {
+        let rows: Vec<(uuid::Uuid, Vec<i64>, i64)> = sqlx::query_as(
+            "SELECT r.id, coalesce(array_agg(e.sequence ORDER BY e.sequence) FILTER (WHERE e.sequence IS NOT NULL), '{}'), \
+             r.last_sequence FROM runs r LEFT JOIN run_events e ON e.run_id = r.id GROUP BY r.id, r.last_sequence ORDER BY r.id",
+        )
+        .fetch_all(conn)
+        .await
+        .expect("the logs");
+        rows
+    }
+    let after_claim = logs(&mut conn).await;
+    for (run, seqs, last) in &after_claim {
+        // Running, the task queued, the task leased.
+        assert_eq!(seqs, &(1..=3).collect::<Vec<i64>>(), "run {run}");
+        assert_eq!(*last, 3, "run {run}");
+    }
+    for l in &leased {
+        complete(&mut c, l, serde_json::json!({"ok": true})).await.expect("complete");
+    }
+    for r in &runs {
+        let ended = wait_for_end(&mut c, &r.id, Duration::from_secs(10)).await;
+        assert_eq!(ended.status, pb::RunStatus::Succeeded as i32);
+    }
+    for (run, seqs, last) in logs(&mut conn).await {
+        // ... then the task succeeded and the run succeeded.
+        assert_eq!(seqs, (1..=5).collect::<Vec<i64>>(), "run {run}");
+        assert_eq!(last, 5, "run {run}");
+    }
+    app.stop().await.expect("stop");
+}
