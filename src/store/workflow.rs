@@ -1379,23 +1379,14 @@ impl WorkflowStore for PgStore {
         let query = sqlx::query(CLAIM.as_str()).bind(ns).bind(queue).bind(max as i64).bind(worker).bind(lease_ms);
         let rows = bind_audit(query, event.as_ref()).fetch_all(&mut *tx).await?;
         record_claim_wait(queue, &rows);
-        let mut claimed: Vec<(TaskRow, &PgRow)> =
-            rows.iter().map(|r| task_from_row(r).map(|t| (t, r))).collect::<Result<_>>()?;
-        if claimed.iter().any(|(t, _)| t.task.run_id.is_some()) {
+        if rows.iter().any(|r| r.try_get::<Option<Uuid>, _>("run_id").ok().flatten().is_some()) {
             self.run_queues.mark(&key);
         }
-        claimed.sort_by_key(|(t, _)| (t.task.run_id, t.task.id));
-        let mut leased = Vec::with_capacity(claimed.len());
-        for (row, stored) in claimed {
-            if row.task.run_id.is_some() && !run_is_live(stored)? {
-                cancel_straggler(&mut tx, &row).await?;
-                continue;
-            }
-            let task = Task { attempts: attempts_column(stored)?, ..row.task };
-            tx.append_task(&task)?;
-            let token = row.lease_token.ok_or_else(|| Error::internal("claimed task has no lease token"))?;
-            leased.push(LeasedTask { task, lease_token: token });
-        }
+        let leased: Vec<LeasedTask> = settle_leased(&mut tx, &rows)
+            .await?
+            .into_iter()
+            .map(|(row, token, _)| LeasedTask { task: row.task, lease_token: token })
+            .collect();
         tx.commit().await?;
         self.run_tasks.remember(leased.iter().filter(|l| l.task.run_id.is_some()).map(|l| l.task.id));
         Ok(leased)
@@ -1542,20 +1533,10 @@ impl WorkflowStore for PgStore {
             .bind(lease_ms)
             .fetch_all(&mut *tx)
             .await?;
-        let mut leased: Vec<(TaskRow, &PgRow)> =
-            rows.iter().map(|r| task_from_row(r).map(|t| (t, r))).collect::<Result<_>>()?;
-        leased.sort_by_key(|(t, _)| (t.task.run_id, t.task.id));
         let mut out = Vec::new();
-        for (row, stored) in leased {
-            if row.task.run_id.is_some() && !run_is_live(stored)? {
-                cancel_straggler(&mut tx, &row).await?;
-                continue;
-            }
-            let task = Task { attempts: attempts_column(stored)?, ..row.task };
-            tx.append_task(&task)?;
-            let token = row.lease_token.ok_or_else(|| Error::internal("leased step has no token"))?;
+        for (row, token, stored) in settle_leased(&mut tx, &rows).await? {
             out.push(ServerStep {
-                leased: LeasedTask { task, lease_token: token },
+                leased: LeasedTask { task: row.task, lease_token: token },
                 config: row.config,
                 created_by: row.created_by,
                 trace_parent: stored.try_get("run_trace_parent")?,
@@ -1587,6 +1568,28 @@ const LOCKED_RUNS: &str = "r AS (SELECT runs.id, runs.status, runs.trace_parent 
        ORDER BY runs.id FOR UPDATE), \
      live AS (SELECT t.id, t.attempt, t.run_id FROM t LEFT JOIN r ON r.id = t.run_id \
        WHERE t.run_id IS NULL OR r.status IN (1, 2))";
+
+/// The tasks a statement with [`LOCKED_RUNS`] leased (its `rows`, with [`attempts_after`]'s
+/// column), taken in order of run and id: a task whose run ended meanwhile is cancelled; the
+/// others get their attempts and are appended to their run's log. Returns those, each with its
+/// lease token and its row.
+async fn settle_leased<'r>(tx: &mut RunTx, rows: &'r [PgRow]) -> Result<Vec<(TaskRow, Uuid, &'r PgRow)>> {
+    let mut leased: Vec<(TaskRow, &PgRow)> =
+        rows.iter().map(|r| task_from_row(r).map(|t| (t, r))).collect::<Result<_>>()?;
+    leased.sort_by_key(|(t, _)| (t.task.run_id, t.task.id));
+    let mut out = Vec::with_capacity(leased.len());
+    for (mut row, stored) in leased {
+        if row.task.run_id.is_some() && !run_is_live(stored)? {
+            cancel_straggler(tx, &row).await?;
+            continue;
+        }
+        row.task.attempts = attempts_column(stored)?;
+        tx.append_task(&row.task)?;
+        let token = row.lease_token.ok_or_else(|| Error::internal("leased task has no lease token"))?;
+        out.push((row, token, stored));
+    }
+    Ok(out)
+}
 
 /// Whether the run of a task leased by a statement with [`LOCKED_RUNS`] (its `run_status`
 /// column) is live.
