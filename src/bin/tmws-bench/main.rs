@@ -122,9 +122,13 @@ struct Args {
     /// Workers of the task loops.
     #[arg(long, default_value_t = 8)]
     workers: usize,
-    /// Runs of the 10-step DAGs.
+    /// Runs of each linear DAG (TASK steps, then NOOP steps).
     #[arg(long, default_value_t = 20)]
     dag_runs: usize,
+    /// Steps of the linear DAGs (the target is for 10; at most the server's
+    /// TMWS_MAX_WORKFLOW_STEPS).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    dag_steps: u32,
     /// PID of the tmws server, to report its resident memory.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -1219,12 +1223,13 @@ async fn tasks_scenario(ctx: &Arc<Ctx>, p: &sql::Principal) -> anyhow::Result<()
     .await;
     ctx.record("tasks.claim_complete", "tmws", w, &o, ctx.sql_baseline("sql"));
 
-    // 10-step linear DAGs: TASK steps done by one immediate worker, and NOOP steps done by the
-    // engine. The work is zero, so the whole run time is overhead.
+    // Linear DAGs (10 steps unless --dag-steps): TASK steps done by one immediate worker, and
+    // NOOP steps done by the engine. The work is zero, so the whole run time is overhead.
     let mut dag = serde_json::Map::new();
+    let dag_key = format!("dag_{}_linear", a.dag_steps);
     for kind in [pb::StepKind::Task, pb::StepKind::Noop] {
         let dag_queue = format!("bench-dag-{run_tag}");
-        let steps: Vec<pb::Step> = (0..10)
+        let steps: Vec<pb::Step> = (0..a.dag_steps)
             .map(|i| pb::Step {
                 id: format!("s{i}"),
                 kind: kind as i32,
@@ -1233,7 +1238,8 @@ async fn tasks_scenario(ctx: &Arc<Ctx>, p: &sql::Principal) -> anyhow::Result<()
                 ..Default::default()
             })
             .collect();
-        let name = format!("bench-dag-{}-{run_tag}", if kind == pb::StepKind::Task { "task" } else { "noop" });
+        let name =
+            format!("bench-dag-{}-{}-{run_tag}", a.dag_steps, if kind == pb::StepKind::Task { "task" } else { "noop" });
         let wf = ctx
             .workflow(0)
             .create_workflow(ctx.req(pb::CreateWorkflowRequest {
@@ -1325,7 +1331,8 @@ async fn tasks_scenario(ctx: &Arc<Ctx>, p: &sql::Principal) -> anyhow::Result<()
         let label = if kind == pb::StepKind::Task { "task_steps" } else { "noop_steps" };
         let ms = |q: f64| if hist.is_empty() { 0.0 } else { hist.value_at_quantile(q) as f64 / 1000.0 };
         eprintln!(
-            "  dag.10_linear/{label:<10} runs={} failed={failures}  p50 {:.1} ms  p95 {:.1} ms  max {:.1} ms",
+            "  dag.{}_linear/{label:<10} runs={} failed={failures}  p50 {:.1} ms  p95 {:.1} ms  max {:.1} ms",
+            a.dag_steps,
             hist.len(),
             ms(0.5),
             ms(0.95),
@@ -1337,7 +1344,7 @@ async fn tasks_scenario(ctx: &Arc<Ctx>, p: &sql::Principal) -> anyhow::Result<()
                     "max_ms": hist.max() as f64 / 1000.0, "mean_ms": if hist.is_empty() { 0.0 } else { hist.mean() / 1000.0 } }),
         );
     }
-    ctx.note("dag_10_linear", serde_json::Value::Object(dag));
+    ctx.note(&dag_key, serde_json::Value::Object(dag));
     Ok(())
 }
 
