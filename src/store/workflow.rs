@@ -35,8 +35,8 @@ use crate::{
     error::{Error, Result},
     workflow::{
         Condition, Definition, EventPayload, LeasedTask, NewTask, Priority, RetryPolicy, Run, RunEvent, RunStatus,
-        StepKind, StepTask, Task, TaskAttempt, TaskStatus, Workflow, condition_met, decide_blocked, delay_ms,
-        finished_run, leaf_steps, step_task,
+        StepKind, StepTask, Task, TaskAttempt, TaskStatus, Workflow, condition_met, delay_ms, finished_run, leaf_steps,
+        step_input, step_task,
     },
 };
 
@@ -511,32 +511,79 @@ async fn skip_task(tx: &mut RunTx, id: Uuid, reason: &str) -> Result<TaskRow> {
     Ok(skipped)
 }
 
-/// After a task of `run_id` became terminal (the caller holds the run row): unblocks or skips
-/// the children whose parents are all terminal, repeatedly, then ends the run when every task is
-/// terminal. The run's tasks are read once; each change is applied to that copy from the
-/// statement's RETURNING (nothing else changes a BLOCKED task of a locked run).
-async fn advance_run(tx: &mut RunTx, run: &Run) -> Result<()> {
+/// After task `finished` of `run` became terminal (the caller holds the run row): queues or
+/// skips its BLOCKED children whose parents have all ended, then the children of the skipped ones,
+/// and so on; ends the run when no task of it is left open. Each pass is one statement that reads
+/// only the children of the tasks that just ended (with their parents' statuses and outputs) and
+/// whether any other task of the run is open (`tasks_run_open`), so a completion costs what its
+/// children cost, not what the run's other steps do; the run's tasks are read in full once, when
+/// it ends, for its output. Nothing else changes a BLOCKED task of a locked run.
+async fn advance_run(tx: &mut RunTx, run: &Run, finished: Uuid) -> Result<()> {
+    /// `$1` the run, `$2` the tasks that just ended. One row per BLOCKED child (or one row of
+    /// NULLs when there is none), each with `others_open`: whether a task of the run other than
+    /// these children is BLOCKED, QUEUED or LEASED.
+    static CHILDREN: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT o.others_open, c.* FROM \
+               (SELECT EXISTS (SELECT 1 FROM tasks x WHERE x.run_id = $1 AND x.status IN (1, 2, 3) \
+                  AND NOT (x.status = 1 AND x.depends_on && $2::uuid[])) AS others_open) o \
+             LEFT JOIN LATERAL (SELECT {TASK_COLUMNS}, \
+                 (SELECT jsonb_agg(jsonb_build_object('id', p.id, 'status', p.status, 'step', p.step_id, \
+                    'output', p.output)) FROM tasks p WHERE p.id = ANY (t.depends_on)) AS parents \
+               FROM tasks t WHERE t.run_id = $1 AND t.status = 1 AND t.depends_on && $2::uuid[] ORDER BY t.id) c ON true"
+        )
+    });
+    #[derive(serde::Deserialize)]
+    struct Parent {
+        id: Uuid,
+        status: i16,
+        step: Option<String>,
+        output: Option<Value>,
+    }
+    let mut ended = vec![finished];
+    let open = loop {
+        let rows = sqlx::query(CHILDREN.as_str()).bind(run.id).bind(&ended).fetch_all(&mut **tx).await?;
+        let mut open = false;
+        let mut children = Vec::with_capacity(rows.len());
+        for row in &rows {
+            open |= row.try_get::<bool, _>("others_open")?;
+            if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
+                let parents: Json<Vec<Parent>> = row.try_get("parents")?;
+                children.push((task_from_row(row)?, parents.0));
+            }
+        }
+        ended.clear();
+        for (child, parents) in children {
+            let statuses = parents
+                .iter()
+                .map(|p| TaskStatus::from_i16(p.status).ok_or_else(|| enum_err("status", p.status)))
+                .collect::<Result<Vec<_>>>()?;
+            match condition_met(child.condition, &statuses) {
+                None => open = true,
+                Some(true) => {
+                    let input =
+                        step_input(&run.input, parents.iter().map(|p| (p.step.as_deref(), p.id, p.output.as_ref())));
+                    queue_task(tx, &child, &input).await?;
+                    open = true;
+                }
+                Some(false) => {
+                    skip_task(tx, child.task.id, "condition not met").await?;
+                    ended.push(child.task.id);
+                }
+            }
+        }
+        if ended.is_empty() {
+            break open;
+        }
+    };
+    if open {
+        return Ok(());
+    }
     let rows = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks t WHERE t.run_id = $1 ORDER BY t.id"))
         .bind(run.id)
         .fetch_all(&mut **tx)
         .await?;
-    let mut tasks: Vec<TaskRow> = rows.iter().map(task_from_row).collect::<Result<_>>()?;
-    loop {
-        // Decide every BLOCKED task on the statuses at the start of this pass, then apply.
-        let decided = {
-            let view: Vec<(&Task, Condition)> = tasks.iter().map(|t| (&t.task, t.condition)).collect();
-            decide_blocked(&view, &run.input)
-        };
-        if decided.is_empty() {
-            break;
-        }
-        for (i, input) in decided {
-            tasks[i] = match input {
-                Some(input) => queue_task(tx, &tasks[i], &input).await?,
-                None => skip_task(tx, tasks[i].task.id, "condition not met").await?,
-            };
-        }
-    }
+    let tasks: Vec<TaskRow> = rows.iter().map(task_from_row).collect::<Result<_>>()?;
     let all: Vec<&Task> = tasks.iter().map(|t| &t.task).collect();
     if let Some((outcome, output, error)) = finished_run(&all) {
         sqlx::query("UPDATE runs SET status = $2, output = $3, error = $4, end_time = clock_timestamp() WHERE id = $1")
@@ -667,7 +714,7 @@ async fn finish_attempt(
         return Ok(task);
     }
     match run {
-        Some(run) => advance_run(tx, run).await?,
+        Some(run) => advance_run(tx, run, id).await?,
         // The statement read `has_dependents` after this transaction locked the task, so it saw
         // every dependent there can be: CreateTask locks its dependencies FOR SHARE, so one
         // adding a dependent either committed before that lock was granted or waits for this

@@ -282,19 +282,29 @@ pub fn decide_blocked(
         match condition_met(*condition, &statuses) {
             None => {}
             Some(true) => {
-                let outputs: serde_json::Map<String, serde_json::Value> = parents
-                    .iter()
-                    .map(|p| {
-                        let key = p.step_id.clone().unwrap_or_else(|| p.id.to_string());
-                        (key, p.output.clone().unwrap_or(serde_json::Value::Null))
-                    })
-                    .collect();
-                decided.push((i, Some(serde_json::json!({ "input": run_input, "parents": outputs }))));
+                let outputs = parents.iter().map(|p| (p.step_id.as_deref(), p.id, p.output.as_ref()));
+                decided.push((i, Some(step_input(run_input, outputs))));
             }
             Some(false) => decided.push((i, None)),
         }
     }
     decided
+}
+
+/// The input of a run's step whose parents all ended and whose condition is met: the run's input
+/// and each parent's output (null when it has none), keyed by the parent's step id (or task id).
+pub fn step_input<'a>(
+    run_input: &serde_json::Value,
+    parents: impl IntoIterator<Item = (Option<&'a str>, uuid::Uuid, Option<&'a serde_json::Value>)>,
+) -> serde_json::Value {
+    let outputs: serde_json::Map<String, serde_json::Value> = parents
+        .into_iter()
+        .map(|(step, id, output)| {
+            let key = step.map_or_else(|| id.to_string(), str::to_string);
+            (key, output.cloned().unwrap_or(serde_json::Value::Null))
+        })
+        .collect();
+    serde_json::json!({ "input": run_input, "parents": outputs })
 }
 
 /// The end of a run whose tasks are all terminal: its status, its output (the outputs of its leaf

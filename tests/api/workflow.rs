@@ -322,6 +322,65 @@ async fn a_permanent_failure_fails_the_run_and_runs_compensation() {
     app.stop().await.expect("stop");
 }
 
+async fn get_run(client: &mut Client, id: &str) -> pb::Run {
+    client.get_run(pb::GetRunRequest { id: id.into(), ..Default::default() }).await.expect("get run").into_inner()
+}
+
+#[tokio::test]
+async fn a_failure_skips_down_its_chain_while_a_join_waits_for_its_other_branch() {
+    let app = spawn_app_env(&FAST).await;
+    let mut c = app.workflow();
+    // a -> b -> c, and x; j joins c and x whatever happened to them; z waits for c to succeed;
+    // y stands alone.
+    let mut join = step("j", pb::StepKind::Noop, &["c", "x"]);
+    join.condition = pb::StepCondition::Always as i32;
+    let mut solo = task("x", &[]);
+    solo.queue = "side".into();
+    let mut leaf = task("y", &[]);
+    leaf.queue = "leaf".into();
+    let steps = vec![task("a", &[]), task("b", &["a"]), task("c", &["b"]), solo, join, task("z", &["c"]), leaf];
+    c.create_workflow(workflow("skips", steps)).await.expect("create");
+    let run = start(&mut c, "skips", serde_json::json!({})).await;
+
+    let a = claim(&mut c, "work", "w", 1, 2000).await;
+    assert_eq!(a.len(), 1);
+    fail(&mut c, &a[0], "broken", false).await.expect("fail");
+    // The skips ran down the chain in the FailTask call itself; j still waits for x.
+    let now = get_run(&mut c, &run.id).await;
+    assert_eq!(now.status, pb::RunStatus::Running as i32, "{now:?}");
+    for s in ["b", "c", "z"] {
+        assert_eq!(step_state(&now, s).status, pb::TaskStatus::Skipped as i32, "{s}: {now:?}");
+    }
+    assert_eq!(step_state(&now, "j").status, pb::TaskStatus::Blocked as i32);
+    assert_eq!(step_state(&now, "x").status, pb::TaskStatus::Queued as i32);
+    // A task without children ending while other branches are open leaves the run running.
+    let y = claim(&mut c, "leaf", "w", 1, 2000).await;
+    assert_eq!(y.len(), 1);
+    complete(&mut c, &y[0], serde_json::json!({"leaf": 1})).await.expect("complete");
+    let now = get_run(&mut c, &run.id).await;
+    assert_eq!(now.status, pb::RunStatus::Running as i32, "{now:?}");
+
+    let x = claim(&mut c, "side", "w", 1, 2000).await;
+    assert_eq!(x.len(), 1);
+    complete(&mut c, &x[0], serde_json::json!({"side": 1})).await.expect("complete");
+    let run = wait_for_end(&mut c, &run.id, Duration::from_secs(5)).await;
+    assert_eq!(run.status, pb::RunStatus::Failed as i32, "{run:?}");
+    assert_eq!(step_state(&run, "j").status, pb::TaskStatus::Succeeded as i32, "the join ran: {run:?}");
+    assert!(run.error.contains("step a: broken"), "{}", run.error);
+
+    // A failure that leaves nothing open ends the run in the same call.
+    c.create_workflow(workflow("chain", vec![task("p", &[]), task("q", &["p"]), task("r", &["q"])]))
+        .await
+        .expect("create");
+    let run = start(&mut c, "chain", serde_json::json!({})).await;
+    let p = claim(&mut c, "work", "w", 1, 2000).await;
+    fail(&mut c, &p[0], "no", false).await.expect("fail");
+    let now = get_run(&mut c, &run.id).await;
+    assert_eq!(now.status, pb::RunStatus::Failed as i32, "{now:?}");
+    assert_eq!(step_state(&now, "r").status, pb::TaskStatus::Skipped as i32);
+    app.stop().await.expect("stop");
+}
+
 #[tokio::test]
 async fn cancel_stops_queued_work_and_aborts_the_leased_task() {
     let app = spawn_app_env(&FAST).await;
