@@ -34,9 +34,9 @@ use crate::telemetry::metrics::metrics;
 use crate::{
     error::{Error, Result},
     workflow::{
-        Condition, Definition, EventPayload, LeasedTask, NewTask, Priority, RetryPolicy, Run, RunEvent, RunStatus,
-        StepKind, StepTask, Task, TaskAttempt, TaskStatus, Workflow, condition_met, delay_ms, finished_run, leaf_steps,
-        step_input, step_task,
+        Condition, Definition, EventPayload, LeasedTask, NewTask, ParentState, Priority, RetryPolicy, Run, RunEvent,
+        RunStatus, StepKind, StepTask, Task, TaskAttempt, TaskStatus, Workflow, condition_met, decide_blocked,
+        delay_ms, finished_run, leaf_steps, step_task,
     },
 };
 
@@ -554,19 +554,20 @@ async fn advance_run(tx: &mut RunTx, run: &Run, finished: Uuid) -> Result<()> {
         }
         ended.clear();
         for (child, parents) in children {
-            let statuses = parents
-                .iter()
-                .map(|p| TaskStatus::from_i16(p.status).ok_or_else(|| enum_err("status", p.status)))
+            let parents = parents
+                .into_iter()
+                .map(|p| {
+                    let status = TaskStatus::from_i16(p.status).ok_or_else(|| enum_err("status", p.status))?;
+                    Ok(ParentState { id: p.id, step_id: p.step, status, output: p.output })
+                })
                 .collect::<Result<Vec<_>>>()?;
-            match condition_met(child.condition, &statuses) {
+            match decide_blocked(child.condition, &parents, &run.input) {
                 None => open = true,
-                Some(true) => {
-                    let input =
-                        step_input(&run.input, parents.iter().map(|p| (p.step.as_deref(), p.id, p.output.as_ref())));
+                Some(Some(input)) => {
                     queue_task(tx, &child, &input).await?;
                     open = true;
                 }
-                Some(false) => {
+                Some(None) => {
                     skip_task(tx, child.task.id, "condition not met").await?;
                     ended.push(child.task.id);
                 }

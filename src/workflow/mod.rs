@@ -266,45 +266,36 @@ pub fn step_task(
     })
 }
 
-/// Decides the BLOCKED tasks of a run whose parents have all ended, on the statuses given: for
-/// each such task (by its index in `tasks`, each with its join condition), the input to queue it
-/// with (the run's input and the parents' outputs by step id), or `None` when its condition can
-/// no longer be met and it is skipped.
-pub fn decide_blocked(
-    tasks: &[(&Task, Condition)],
-    run_input: &serde_json::Value,
-) -> Vec<(usize, Option<serde_json::Value>)> {
-    let by_id: HashMap<uuid::Uuid, &Task> = tasks.iter().map(|(t, _)| (t.id, *t)).collect();
-    let mut decided = Vec::new();
-    for (i, (t, condition)) in tasks.iter().enumerate().filter(|(_, (t, _))| t.status == TaskStatus::Blocked) {
-        let parents: Vec<&Task> = t.depends_on.iter().filter_map(|p| by_id.get(p).copied()).collect();
-        let statuses: Vec<TaskStatus> = parents.iter().map(|p| p.status).collect();
-        match condition_met(*condition, &statuses) {
-            None => {}
-            Some(true) => {
-                let outputs = parents.iter().map(|p| (p.step_id.as_deref(), p.id, p.output.as_ref()));
-                decided.push((i, Some(step_input(run_input, outputs))));
-            }
-            Some(false) => decided.push((i, None)),
-        }
-    }
-    decided
+/// A parent of a BLOCKED task of a run, as the stores read it to decide the task.
+#[derive(Debug, Clone)]
+pub struct ParentState {
+    pub id: uuid::Uuid,
+    pub step_id: Option<String>,
+    pub status: TaskStatus,
+    pub output: Option<serde_json::Value>,
 }
 
-/// The input of a run's step whose parents all ended and whose condition is met: the run's input
-/// and each parent's output (null when it has none), keyed by the parent's step id (or task id).
-pub fn step_input<'a>(
+/// Decides a BLOCKED task of a run with join `condition` from its parents (both stores): `None`
+/// while a parent is still open; `Some(Some(input))` when it runs, with the run's input and each
+/// parent's output (null when it has none) keyed by the parent's step id (or task id);
+/// `Some(None)` when its condition can no longer be met and it is skipped.
+pub fn decide_blocked(
+    condition: Condition,
+    parents: &[ParentState],
     run_input: &serde_json::Value,
-    parents: impl IntoIterator<Item = (Option<&'a str>, uuid::Uuid, Option<&'a serde_json::Value>)>,
-) -> serde_json::Value {
-    let outputs: serde_json::Map<String, serde_json::Value> = parents
-        .into_iter()
-        .map(|(step, id, output)| {
-            let key = step.map_or_else(|| id.to_string(), str::to_string);
-            (key, output.cloned().unwrap_or(serde_json::Value::Null))
-        })
-        .collect();
-    serde_json::json!({ "input": run_input, "parents": outputs })
+) -> Option<Option<serde_json::Value>> {
+    let statuses: Vec<TaskStatus> = parents.iter().map(|p| p.status).collect();
+    let runs = condition_met(condition, &statuses)?;
+    Some(runs.then(|| {
+        let outputs: serde_json::Map<String, serde_json::Value> = parents
+            .iter()
+            .map(|p| {
+                let key = p.step_id.clone().unwrap_or_else(|| p.id.to_string());
+                (key, p.output.clone().unwrap_or(serde_json::Value::Null))
+            })
+            .collect();
+        serde_json::json!({ "input": run_input, "parents": outputs })
+    }))
 }
 
 /// The end of a run whose tasks are all terminal: its status, its output (the outputs of its leaf
@@ -429,62 +420,38 @@ pub fn leaf_steps(steps: &[Step]) -> Vec<String> {
 mod tests {
     use super::*;
 
-    fn task(step: &str, status: TaskStatus, deps: &[&Task], output: Option<serde_json::Value>) -> Task {
-        Task {
-            id: Uuid::now_v7(),
-            namespace: "ns".into(),
-            run_id: None,
-            step_id: Some(step.into()),
-            kind: StepKind::Task,
-            title: String::new(),
-            description: String::new(),
-            queue: "q".into(),
-            priority: Priority::Normal,
-            depends_on: deps.iter().map(|d| d.id).collect(),
-            status,
-            attempt: 0,
-            max_attempts: 1,
-            input: serde_json::json!({}),
-            output,
-            error: String::new(),
-            worker_id: String::new(),
-            lease_expire_time: None,
-            due_time: None,
-            create_time: Utc::now(),
-            update_time: Utc::now(),
-            attempts: Vec::new(),
-            progress: None,
-        }
-    }
-
     #[test]
     fn blocked_tasks_are_queued_with_parent_outputs_skipped_or_left() {
-        let a = task("a", TaskStatus::Succeeded, &[], Some(serde_json::json!({"n": 1})));
-        let b = task("b", TaskStatus::Failed, &[], None);
-        let running = task("r", TaskStatus::Leased, &[], None);
-        let after_a = task("after_a", TaskStatus::Blocked, &[&a], None);
-        let after_b = task("after_b", TaskStatus::Blocked, &[&b], None);
-        let cleanup = task("cleanup", TaskStatus::Blocked, &[&b], None);
-        let waiting = task("waiting", TaskStatus::Blocked, &[&a, &running], None);
-        let done = task("done", TaskStatus::Succeeded, &[&a], None);
-        let tasks = [
-            (&a, Condition::AllSucceeded),
-            (&b, Condition::AllSucceeded),
-            (&running, Condition::AllSucceeded),
-            (&after_a, Condition::AllSucceeded),
-            (&after_b, Condition::AllSucceeded),
-            (&cleanup, Condition::AnyFailed),
-            (&waiting, Condition::AllSucceeded),
-            (&done, Condition::AllSucceeded),
-        ];
-        let decided = decide_blocked(&tasks, &serde_json::json!({"x": 7}));
+        let parent =
+            |step: &str, status, output| ParentState { id: Uuid::now_v7(), step_id: Some(step.into()), status, output };
+        let a = parent("a", TaskStatus::Succeeded, Some(serde_json::json!({"n": 1})));
+        let b = parent("b", TaskStatus::Failed, None);
+        let running = parent("r", TaskStatus::Leased, None);
+        let skipped = parent("s", TaskStatus::Skipped, None);
+        let input = serde_json::json!({"x": 7});
+        let decide = |condition, parents: &[&ParentState]| {
+            let parents: Vec<ParentState> = parents.iter().map(|p| (*p).clone()).collect();
+            decide_blocked(condition, &parents, &input)
+        };
         assert_eq!(
-            decided,
-            vec![
-                (3, Some(serde_json::json!({"input": {"x": 7}, "parents": {"a": {"n": 1}}}))),
-                (4, None),
-                (5, Some(serde_json::json!({"input": {"x": 7}, "parents": {"b": null}}))),
-            ]
+            decide(Condition::AllSucceeded, &[&a]),
+            Some(Some(serde_json::json!({"input": {"x": 7}, "parents": {"a": {"n": 1}}})))
+        );
+        assert_eq!(decide(Condition::AllSucceeded, &[&a, &b]), Some(None), "a failed parent skips it");
+        assert_eq!(decide(Condition::AllSucceeded, &[&skipped]), Some(None), "so does a skipped one");
+        assert_eq!(
+            decide(Condition::AnyFailed, &[&a, &b]),
+            Some(Some(serde_json::json!({"input": {"x": 7}, "parents": {"a": {"n": 1}, "b": null}})))
+        );
+        assert_eq!(decide(Condition::AnyFailed, &[&a]), Some(None));
+        assert_eq!(decide(Condition::AllSucceeded, &[&a, &running]), None, "it waits for an open parent");
+        assert_eq!(decide(Condition::Always, &[&b, &running]), None);
+        let no_step = ParentState { step_id: None, ..a.clone() };
+        assert_eq!(
+            decide(Condition::Always, &[&b, &no_step]),
+            Some(Some(
+                serde_json::json!({"input": {"x": 7}, "parents": {"b": null, no_step.id.to_string(): {"n": 1}}})
+            ))
         );
     }
 

@@ -10,7 +10,7 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 
 use crate::{
-    common::{AuthChannel, spawn_app_env},
+    common::{AuthChannel, count_rows, execute_sql, fresh_database, spawn_app_env, spawn_secure, test_env},
     memory::assert_invalid,
 };
 use tmws::{
@@ -378,6 +378,49 @@ async fn a_failure_skips_down_its_chain_while_a_join_waits_for_its_other_branch(
     let now = get_run(&mut c, &run.id).await;
     assert_eq!(now.status, pb::RunStatus::Failed as i32, "{now:?}");
     assert_eq!(step_state(&now, "r").status, pb::TaskStatus::Skipped as i32);
+    app.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_run_started_before_the_upgrade_advances_after_it() {
+    let env = test_env();
+    let db = fresh_database(&env).await;
+    let app = spawn_secure(&db, &FAST).await;
+    let mut c = app.workflow();
+    c.create_workflow(workflow("upgrade", vec![task("a", &[]), task("b", &["a"]), task("c", &["b"])]))
+        .await
+        .expect("create");
+    let run = start(&mut c, "upgrade", serde_json::json!({"v": 1})).await;
+    app.stop().await.expect("stop");
+    // The database as the previous release left it: without the index of open run tasks and,
+    // on SQLite, without the dependency edges of run tasks; the restart migrates it again.
+    if env.is_postgres() {
+        execute_sql(&db, &["DROP INDEX tasks_run_open", "DELETE FROM _sqlx_migrations WHERE version = 15"]).await;
+    } else {
+        execute_sql(
+            &db,
+            &[
+                "DELETE FROM task_dependencies",
+                "DROP INDEX tasks_run_open",
+                "DELETE FROM _sqlx_migrations WHERE version = 4",
+            ],
+        )
+        .await;
+    }
+    let app = spawn_secure(&db, &FAST).await;
+    if !env.is_postgres() {
+        assert_eq!(count_rows(&db, "task_dependencies").await, 2, "the run's edges are back");
+    }
+    let mut c = app.workflow();
+    for step in ["a", "b", "c"] {
+        let l = claim(&mut c, "work", "w", 1, 2000).await;
+        assert_eq!(l.len(), 1, "step {step} is queued");
+        assert_eq!(l[0].task.as_ref().map(|t| t.step_id.as_str()), Some(step));
+        complete(&mut c, &l[0], serde_json::json!({ "done": step })).await.expect("complete");
+    }
+    let run = wait_for_end(&mut c, &run.id, Duration::from_secs(5)).await;
+    assert_eq!(run.status, pb::RunStatus::Succeeded as i32, "{run:?}");
+    assert_eq!(struct_to_json(run.output.expect("output")), serde_json::json!({"c": {"done": "c"}}));
     app.stop().await.expect("stop");
 }
 

@@ -105,6 +105,22 @@ pub async fn query_i64s(url: &str, sql: &str) -> Vec<i64> {
     }
 }
 
+/// Runs `statements` (portable between PostgreSQL and SQLite, or chosen by the caller for the
+/// backend) straight on the database at `url`, on one connection.
+pub async fn execute_sql(url: &str, statements: &[&str]) {
+    if url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(url).await.expect("open the SQLite file");
+        for sql in statements {
+            conn.execute(*sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+    } else {
+        let mut conn = PgConnection::connect(url).await.expect("connect to the test database");
+        for sql in statements {
+            conn.execute(*sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+    }
+}
+
 /// `SELECT count(*) FROM <table>` straight on the database.
 pub async fn count_rows(url: &str, table: &str) -> i64 {
     query_i64s(url, &format!("SELECT count(*) FROM {table}")).await.first().copied().unwrap_or_default()

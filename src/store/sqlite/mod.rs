@@ -148,13 +148,13 @@ impl SqliteStore {
     }
 
     /// Rebuilds data derived from imported rows (inside the import's transaction). Tags and the
-    /// full-text index follow `memories` through triggers; the dependency edges of standalone
-    /// tasks are rebuilt here from `tasks.depends_on`.
+    /// full-text index follow `memories` through triggers; the dependency edges of tasks are
+    /// rebuilt here from `tasks.depends_on`.
     pub(crate) async fn after_import(&self, tx: &mut sqlx::SqliteConnection) -> Result<()> {
         sqlx::query(
             "INSERT OR IGNORE INTO task_dependencies (parent_id, child_id) \
              SELECT p.id, t.id FROM tasks t, json_each(t.depends_on) j \
-             JOIN tasks p ON p.id = unhex(replace(j.value, '-', '')) WHERE t.run_id IS NULL",
+             JOIN tasks p ON p.id = unhex(replace(j.value, '-', ''))",
         )
         .execute(tx)
         .await?;

@@ -33,9 +33,9 @@ use crate::{
     },
     telemetry::metrics::metrics,
     workflow::{
-        Condition, Definition, EventPayload, LeasedTask, NewTask, Priority, RetryPolicy, Run, RunEvent, RunStatus,
-        StepKind, Task, TaskAttempt, TaskStatus, Workflow, condition_met, decide_blocked, delay_ms, finished_run,
-        step_task,
+        Condition, Definition, EventPayload, LeasedTask, NewTask, ParentState, Priority, RetryPolicy, Run, RunEvent,
+        RunStatus, StepKind, Task, TaskAttempt, TaskStatus, Workflow, condition_met, decide_blocked, delay_ms,
+        finished_run, step_task,
     },
 };
 
@@ -452,54 +452,103 @@ fn status_label(status: RunStatus) -> &'static str {
     }
 }
 
-/// After a task of `run` became terminal: unblocks or skips the children whose parents are all
-/// terminal, repeatedly, then ends the run when every task is terminal.
-async fn advance_run(conn: &mut SqliteConnection, out: &mut Outbox, run: &Run) -> Result<()> {
-    loop {
-        let rows = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks t WHERE t.run_id = ?1 ORDER BY t.id"))
+/// After task `finished` of `run` became terminal: queues or skips its BLOCKED children whose
+/// parents have all ended (found through `task_dependencies`), then the children of the skipped
+/// ones, and so on; ends the run when no task of it is left open (`tasks_run_open`). A
+/// completion thus reads its children and their parents, not every task of the run; the run's
+/// tasks are read in full once, when it ends, for its output.
+async fn advance_run(conn: &mut SqliteConnection, out: &mut Outbox, run: &Run, finished: Uuid) -> Result<()> {
+    let mut ended = vec![finished];
+    let mut open = false;
+    while !ended.is_empty() {
+        let mut skipped = Vec::new();
+        for parent in ended {
+            let rows = sqlx::query(&format!(
+                "SELECT {TASK_COLUMNS} FROM task_dependencies d JOIN tasks t ON t.id = d.child_id \
+                 WHERE d.parent_id = ?1 AND t.run_id = ?2 AND t.status = 1 ORDER BY t.id"
+            ))
+            .bind(parent)
             .bind(run.id)
             .fetch_all(&mut *conn)
             .await?;
-        let tasks: Vec<TaskRow> = rows.iter().map(task_from_row).collect::<Result<_>>()?;
-        let decided = {
-            let view: Vec<(&Task, Condition)> = tasks.iter().map(|t| (&t.task, t.condition)).collect();
-            decide_blocked(&view, &run.input)
-        };
-        let changed = !decided.is_empty();
-        for (i, input) in decided {
-            let t = &tasks[i];
-            match input {
-                Some(input) => queue_task(conn, out, t, &input).await?,
-                None => {
-                    sqlx::query(
-                        "UPDATE tasks SET status = 7, error = 'condition not met', update_time = ?2 WHERE id = ?1",
-                    )
-                    .bind(t.task.id)
-                    .bind(now_micros())
-                    .execute(&mut *conn)
-                    .await?;
-                    task_event(conn, out, t.task.id).await?;
+            for row in &rows {
+                let child = task_from_row(row)?;
+                let parents = parent_states(conn, child.task.id).await?;
+                match decide_blocked(child.condition, &parents, &run.input) {
+                    None => open = true,
+                    Some(Some(input)) => {
+                        queue_task(conn, out, &child, &input).await?;
+                        open = true;
+                    }
+                    Some(None) => {
+                        sqlx::query(
+                            "UPDATE tasks SET status = 7, error = 'condition not met', update_time = ?2 WHERE id = ?1",
+                        )
+                        .bind(child.task.id)
+                        .bind(now_micros())
+                        .execute(&mut *conn)
+                        .await?;
+                        task_event(conn, out, child.task.id).await?;
+                        skipped.push(child.task.id);
+                    }
                 }
             }
         }
-        if changed {
-            continue;
-        }
-        let all: Vec<&Task> = tasks.iter().map(|t| &t.task).collect();
-        if let Some((outcome, output, error)) = finished_run(&all) {
-            sqlx::query("UPDATE runs SET status = ?2, output = ?3, error = ?4, end_time = ?5 WHERE id = ?1")
-                .bind(run.id)
-                .bind(outcome.as_i16())
-                .bind(Json(output))
-                .bind(error)
-                .bind(now_micros())
-                .execute(&mut *conn)
-                .await?;
-            append_event(conn, out, run.id, &EventPayload::RunStatus(outcome)).await?;
-            out.finished.push(status_label(outcome));
-        }
+        ended = skipped;
+    }
+    if open {
         return Ok(());
     }
+    let still_open: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tasks WHERE run_id = ?1 AND status IN (1, 2, 3))")
+            .bind(run.id)
+            .fetch_one(&mut *conn)
+            .await?;
+    if still_open {
+        return Ok(());
+    }
+    let rows = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks t WHERE t.run_id = ?1 ORDER BY t.id"))
+        .bind(run.id)
+        .fetch_all(&mut *conn)
+        .await?;
+    let tasks: Vec<TaskRow> = rows.iter().map(task_from_row).collect::<Result<_>>()?;
+    let all: Vec<&Task> = tasks.iter().map(|t| &t.task).collect();
+    if let Some((outcome, output, error)) = finished_run(&all) {
+        sqlx::query("UPDATE runs SET status = ?2, output = ?3, error = ?4, end_time = ?5 WHERE id = ?1")
+            .bind(run.id)
+            .bind(outcome.as_i16())
+            .bind(Json(output))
+            .bind(error)
+            .bind(now_micros())
+            .execute(&mut *conn)
+            .await?;
+        append_event(conn, out, run.id, &EventPayload::RunStatus(outcome)).await?;
+        out.finished.push(status_label(outcome));
+    }
+    Ok(())
+}
+
+/// The parents of a run's task (through `task_dependencies`), as [`decide_blocked`] takes them.
+async fn parent_states(conn: &mut SqliteConnection, child: Uuid) -> Result<Vec<ParentState>> {
+    let rows = sqlx::query(
+        "SELECT p.id, p.step_id, p.status, p.output FROM task_dependencies d JOIN tasks p ON p.id = d.parent_id \
+         WHERE d.child_id = ?1",
+    )
+    .bind(child)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let s: i16 = r.try_get("status")?;
+            let output: Option<Json<Value>> = r.try_get("output")?;
+            Ok(ParentState {
+                id: r.try_get("id")?,
+                step_id: r.try_get("step_id")?,
+                status: TaskStatus::from_i16(s).ok_or_else(|| enum_err("status", s))?,
+                output: output.map(|o| o.0),
+            })
+        })
+        .collect()
 }
 
 /// Unblocks or skips standalone tasks waiting on `parent` (now terminal), and so on down.
@@ -616,7 +665,7 @@ async fn finish_attempt(
         task_event(conn, out, id).await?;
     }
     match run {
-        Some(run) => advance_run(conn, out, run).await,
+        Some(run) => advance_run(conn, out, run, id).await,
         None => advance_dependents(conn, out, id).await,
     }
 }
@@ -966,6 +1015,7 @@ impl WorkflowStore for SqliteStore {
         .await?;
         let steps = &wf.definition.steps;
         let ids: HashMap<&str, Uuid> = steps.iter().map(|s| (s.id.as_str(), Uuid::now_v7())).collect();
+        let mut edges = Vec::new();
         for s in steps {
             let t = step_task(wf, s, &ids, default_retry, input)?;
             let now = now_micros();
@@ -998,6 +1048,16 @@ impl WorkflowStore for SqliteStore {
             .bind(now)
             .execute(&mut *tx)
             .await?;
+            edges.extend(t.depends_on.iter().map(|parent| (*parent, t.id)));
+        }
+        // The edges a completion follows to the tasks waiting on it (`advance_run`), once every
+        // task exists.
+        for (parent, child) in edges {
+            sqlx::query("INSERT INTO task_dependencies (parent_id, child_id) VALUES (?1, ?2)")
+                .bind(parent)
+                .bind(child)
+                .execute(&mut *tx)
+                .await?;
         }
         // Event log: the run starts, then each root task is queued.
         append_event(&mut tx, &mut out, run_id, &EventPayload::RunStatus(RunStatus::Running)).await?;
