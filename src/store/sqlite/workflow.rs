@@ -456,7 +456,8 @@ fn status_label(status: RunStatus) -> &'static str {
 /// parents have all ended (found through `task_dependencies`), then the children of the skipped
 /// ones, and so on; ends the run when no task of it is left open (`tasks_run_open`). A
 /// completion thus reads its children and their parents, not every task of the run; the run's
-/// tasks are read in full once, when it ends, for its output.
+/// tasks are read in full once, when it ends, for its output. A run whose tasks have no edges
+/// (started by a release that wrote none) is advanced from `depends_on` instead.
 async fn advance_run(conn: &mut SqliteConnection, out: &mut Outbox, run: &Run, finished: Uuid) -> Result<()> {
     let mut ended = vec![finished];
     let mut open = false;
@@ -481,14 +482,7 @@ async fn advance_run(conn: &mut SqliteConnection, out: &mut Outbox, run: &Run, f
                         open = true;
                     }
                     Some(None) => {
-                        sqlx::query(
-                            "UPDATE tasks SET status = 7, error = 'condition not met', update_time = ?2 WHERE id = ?1",
-                        )
-                        .bind(child.task.id)
-                        .bind(now_micros())
-                        .execute(&mut *conn)
-                        .await?;
-                        task_event(conn, out, child.task.id).await?;
+                        skip_blocked(conn, out, child.task.id).await?;
                         skipped.push(child.task.id);
                     }
                 }
@@ -499,14 +493,28 @@ async fn advance_run(conn: &mut SqliteConnection, out: &mut Outbox, run: &Run, f
     if open {
         return Ok(());
     }
-    let still_open: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tasks WHERE run_id = ?1 AND status IN (1, 2, 3))")
-            .bind(run.id)
-            .fetch_one(&mut *conn)
-            .await?;
-    if still_open {
+    let (still_open, in_progress): (bool, bool) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM tasks WHERE run_id = ?1 AND status IN (1, 2, 3)), \
+                EXISTS (SELECT 1 FROM tasks WHERE run_id = ?1 AND status IN (2, 3))",
+    )
+    .bind(run.id)
+    .fetch_one(&mut *conn)
+    .await?;
+    if in_progress {
         return Ok(());
     }
+    if still_open {
+        // Only BLOCKED tasks are left, so one of them has all its parents ended (a DAG cannot
+        // wait on itself) but no edge led here: a run started by a release that wrote no edges
+        // for run tasks (after this one's migration, e.g. during a rollback). Decide them from
+        // their `depends_on`.
+        return advance_run_without_edges(conn, out, run).await;
+    }
+    end_run_if_done(conn, out, run).await
+}
+
+/// Ends `run` when all its tasks have ended (its output from their outputs).
+async fn end_run_if_done(conn: &mut SqliteConnection, out: &mut Outbox, run: &Run) -> Result<()> {
     let rows = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks t WHERE t.run_id = ?1 ORDER BY t.id"))
         .bind(run.id)
         .fetch_all(&mut *conn)
@@ -528,11 +536,62 @@ async fn advance_run(conn: &mut SqliteConnection, out: &mut Outbox, run: &Run, f
     Ok(())
 }
 
-/// The parents of a run's task (through `task_dependencies`), as [`decide_blocked`] takes them.
+/// Decides every BLOCKED task of `run` whose parents have all ended, from the tasks' own
+/// `depends_on`, repeatedly, then ends the run if nothing is left open; writes the dependency
+/// edges of the run's tasks on the way, so its next completions follow them.
+async fn advance_run_without_edges(conn: &mut SqliteConnection, out: &mut Outbox, run: &Run) -> Result<()> {
+    sqlx::query(
+        "INSERT OR IGNORE INTO task_dependencies (parent_id, child_id) \
+         SELECT p.id, t.id FROM tasks t, json_each(t.depends_on) j \
+         JOIN tasks p ON p.id = unhex(replace(j.value, '-', '')) WHERE t.run_id = ?1",
+    )
+    .bind(run.id)
+    .execute(&mut *conn)
+    .await?;
+    loop {
+        let blocked = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks t WHERE t.run_id = ?1 AND t.status = 1 ORDER BY t.id"
+        ))
+        .bind(run.id)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut decided = false;
+        for row in &blocked {
+            let child = task_from_row(row)?;
+            let parents = parent_states(conn, child.task.id).await?;
+            match decide_blocked(child.condition, &parents, &run.input) {
+                None => {}
+                Some(Some(input)) => {
+                    queue_task(conn, out, &child, &input).await?;
+                    decided = true;
+                }
+                Some(None) => {
+                    skip_blocked(conn, out, child.task.id).await?;
+                    decided = true;
+                }
+            }
+        }
+        if !decided {
+            return end_run_if_done(conn, out, run).await;
+        }
+    }
+}
+
+/// Skips a BLOCKED task of a run whose condition can no longer be met.
+async fn skip_blocked(conn: &mut SqliteConnection, out: &mut Outbox, id: Uuid) -> Result<()> {
+    sqlx::query("UPDATE tasks SET status = 7, error = 'condition not met', update_time = ?2 WHERE id = ?1")
+        .bind(id)
+        .bind(now_micros())
+        .execute(&mut *conn)
+        .await?;
+    task_event(conn, out, id).await.map(|_| ())
+}
+
+/// The parents of a run's task (from its own `depends_on`), as [`decide_blocked`] takes them.
 async fn parent_states(conn: &mut SqliteConnection, child: Uuid) -> Result<Vec<ParentState>> {
     let rows = sqlx::query(
-        "SELECT p.id, p.step_id, p.status, p.output FROM task_dependencies d JOIN tasks p ON p.id = d.parent_id \
-         WHERE d.child_id = ?1",
+        "SELECT p.id, p.step_id, p.status, p.output FROM tasks c, json_each(c.depends_on) j \
+         JOIN tasks p ON p.id = unhex(replace(j.value, '-', '')) WHERE c.id = ?1",
     )
     .bind(child)
     .fetch_all(&mut *conn)
