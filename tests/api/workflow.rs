@@ -116,15 +116,15 @@ pub async fn fail(
         .map(|r| r.into_inner())
 }
 
+async fn get_run(client: &mut Client, id: &str) -> pb::Run {
+    client.get_run(pb::GetRunRequest { id: id.into(), ..Default::default() }).await.expect("get run").into_inner()
+}
+
 /// Polls GetRun until the run has ended.
 pub async fn wait_for_end(client: &mut Client, run_id: &str, within: Duration) -> pb::Run {
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        let run = client
-            .get_run(pb::GetRunRequest { id: run_id.into(), ..Default::default() })
-            .await
-            .expect("get run")
-            .into_inner();
+        let run = get_run(client, run_id).await;
         let status = pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified);
         if !matches!(status, pb::RunStatus::Running | pb::RunStatus::Pending) {
             return run;
@@ -320,10 +320,6 @@ async fn a_permanent_failure_fails_the_run_and_runs_compensation() {
     let run = wait_for_end(&mut c, &run.id, Duration::from_secs(5)).await;
     assert_eq!(run.status, pb::RunStatus::Failed as i32);
     app.stop().await.expect("stop");
-}
-
-async fn get_run(client: &mut Client, id: &str) -> pb::Run {
-    client.get_run(pb::GetRunRequest { id: id.into(), ..Default::default() }).await.expect("get run").into_inner()
 }
 
 #[tokio::test]
