@@ -377,6 +377,17 @@ async fn a_failure_skips_down_its_chain_while_a_join_waits_for_its_other_branch(
     app.stop().await.expect("stop");
 }
 
+/// Claims the steps of a linear run from `work` one at a time, checking each is the next one
+/// queued, and completes each with `{"done": step}`.
+async fn work_in_order(c: &mut Client, steps: &[&str]) {
+    for step in steps {
+        let l = claim(c, "work", "w", 1, 2000).await;
+        assert_eq!(l.len(), 1, "step {step} is queued");
+        assert_eq!(l[0].task.as_ref().map(|t| t.step_id.as_str()), Some(*step));
+        complete(c, &l[0], serde_json::json!({ "done": step })).await.expect("complete");
+    }
+}
+
 #[tokio::test]
 async fn a_run_started_before_the_upgrade_advances_after_it() {
     let env = test_env();
@@ -408,12 +419,7 @@ async fn a_run_started_before_the_upgrade_advances_after_it() {
         assert_eq!(count_rows(&db, "task_dependencies").await, 2, "the run's edges are back");
     }
     let mut c = app.workflow();
-    for step in ["a", "b", "c"] {
-        let l = claim(&mut c, "work", "w", 1, 2000).await;
-        assert_eq!(l.len(), 1, "step {step} is queued");
-        assert_eq!(l[0].task.as_ref().map(|t| t.step_id.as_str()), Some(step));
-        complete(&mut c, &l[0], serde_json::json!({ "done": step })).await.expect("complete");
-    }
+    work_in_order(&mut c, &["a", "b", "c"]).await;
     let run = wait_for_end(&mut c, &run.id, Duration::from_secs(5)).await;
     assert_eq!(run.status, pb::RunStatus::Succeeded as i32, "{run:?}");
     assert_eq!(struct_to_json(run.output.expect("output")), serde_json::json!({"c": {"done": "c"}}));
@@ -431,12 +437,7 @@ async fn a_run_started_before_the_upgrade_advances_after_it() {
     let app = spawn_secure(&db, &FAST).await;
     let mut c = app.workflow();
     complete(&mut c, &a[0], serde_json::json!({ "done": "a" })).await.expect("complete");
-    for step in ["b", "c"] {
-        let l = claim(&mut c, "work", "w", 1, 2000).await;
-        assert_eq!(l.len(), 1, "step {step} is queued");
-        assert_eq!(l[0].task.as_ref().map(|t| t.step_id.as_str()), Some(step));
-        complete(&mut c, &l[0], serde_json::json!({ "done": step })).await.expect("complete");
-    }
+    work_in_order(&mut c, &["b", "c"]).await;
     let run = wait_for_end(&mut c, &run.id, Duration::from_secs(5)).await;
     assert_eq!(run.status, pb::RunStatus::Succeeded as i32, "{run:?}");
     assert_eq!(count_rows(&db, "task_dependencies").await, 2, "the run's edges are written back");
