@@ -28,7 +28,10 @@ pub struct Principal {
     pub model: String,
 }
 
-/// A pool with the service's per-connection settings (src/store/postgres.rs).
+/// A pool with the service's per-connection settings (src/store/postgres.rs). Like the service's
+/// pool it hands out idle connections without testing them first: sqlx's default
+/// (`test_before_acquire`) would add a round trip to PostgreSQL to every statement of the
+/// baselines.
 pub async fn pool(url: &str, size: u32, ef_search: u32, iterative_scan: &str) -> anyhow::Result<PgPool> {
     let options: PgConnectOptions = url.parse()?;
     let ef = ef_search.to_string();
@@ -41,6 +44,7 @@ pub async fn pool(url: &str, size: u32, ef_search: u32, iterative_scan: &str) ->
         .max_connections(size)
         .min_connections(size)
         .acquire_timeout(Duration::from_secs(30))
+        .test_before_acquire(false)
         .connect_with(options)
         .await?)
 }
